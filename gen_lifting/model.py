@@ -1,0 +1,200 @@
+"""gen-lifting model: a pose encoder and a NeRF trained together inside a DDPM (thesis ch. 3).
+
+Training (``forward`` on a batch dict from GenLiftingDataManager):
+  1. the pose encoder reads x_t, t and proposes K cameras with scores;
+  2. every candidate is rendered on a few random pixels (no gradients) and the one with the lowest
+     photometric error wins;
+  3. the winner alone is rendered on the full ray batch with gradients: loss = ||render - x_0||^2
+     + lambda * CE(scores, argmin).
+Anything else (viewer, ns-render, ns-eval) goes through nerfstudio's usual ``get_outputs(ray_bundle)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.model_components.ray_samplers import UniformSampler
+from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
+from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.utils import colormaps
+from torch import Tensor
+from torch.nn import Parameter
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from gen_lifting.grid_field import GridFieldConfig
+from gen_lifting.pose_encoder import PoseEncoderConfig
+
+
+@dataclass
+class GenLiftingModelConfig(ModelConfig):
+    """Pose encoder + radiance field, trained only to denoise."""
+
+    _target: Type = field(default_factory=lambda: GenLiftingModel)
+    pose_encoder: PoseEncoderConfig = field(default_factory=PoseEncoderConfig)
+    """Encoder that predicts candidate cameras and their scores from the noisy image."""
+    field: GridFieldConfig = field(default_factory=GridFieldConfig)
+    """Radiance field (CPU: dense voxel grid)."""
+    num_samples: int = 48
+    """Samples per ray (uniform, stratified during training)."""
+    background_color: Literal["white", "black"] = "white"
+    """Colour behind the scene (blender scenes are composited on white)."""
+    ce_loss_mult: float = 0.1
+    """lambda, weight of CE(scores, argmin) (paper: 0.1)."""
+    tv_loss_mult: float = 0.0
+    """Weight of the total-variation prior on the field's grids."""
+
+
+def gather_pixels(
+    images: Float[Tensor, "batch height width 3"], pixels: Int[Tensor, "batch count 2"]
+) -> Float[Tensor, "batch count 3"]:
+    """images[b, y, x] for every (y, x) in pixels[b]."""
+    b = torch.arange(images.shape[0], device=images.device)[:, None]
+    return images[b, pixels[..., 0], pixels[..., 1]]
+
+
+class GenLiftingModel(Model):
+    config: GenLiftingModelConfig
+
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        self.pose_encoder = self.config.pose_encoder.setup()
+        self.field = self.config.field.setup(aabb=self.scene_box.aabb)
+        self.sampler = UniformSampler(num_samples=self.config.num_samples)
+        self.renderer_rgb = RGBRenderer(background_color=self.config.background_color)
+        self.renderer_accumulation = AccumulationRenderer()
+        self.renderer_depth = DepthRenderer()
+        # fx, fy, cx, cy, width, height of the (shared) training intrinsics; set by the pipeline, saved with
+        # the checkpoint so a loaded model can pose new photos without the dataset.
+        self.register_buffer("intrinsics", torch.zeros(6))
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        from gen_lifting.lpips_offline import make_lpips  # AlexNet LPIPS that also works offline
+
+        self.lpips = make_lpips()
+
+    # ----------------------------------------------------------------------------------- parameters
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = {"fields": list(self.field.parameters())}
+        self.pose_encoder.get_param_groups(groups)
+        return groups
+
+    # ----------------------------------------------------------------------------------- rendering
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
+        samples = self.sampler(ray_bundle)
+        field_out = self.field(samples)
+        weights = samples.get_weights(field_out[FieldHeadNames.DENSITY])
+        return {
+            "rgb": self.renderer_rgb(rgb=field_out[FieldHeadNames.RGB], weights=weights),
+            "accumulation": self.renderer_accumulation(weights=weights),
+            "depth": self.renderer_depth(weights=weights, ray_samples=samples),
+        }
+
+    def cameras_from_c2w(self, c2w: Float[Tensor, "num 3 4"]) -> Cameras:
+        """nerfstudio Cameras with the learned poses and the training intrinsics."""
+        fx, fy, cx, cy, w, h = self.intrinsics.tolist()
+        if w <= 0:
+            raise RuntimeError("model intrinsics are unset: build the model through GenLiftingPipeline")
+        n = c2w.shape[0]
+        ones = torch.ones(n, 1, device=c2w.device)
+        return Cameras(camera_to_worlds=c2w, fx=fx * ones, fy=fy * ones, cx=cx * ones, cy=cy * ones,
+                       width=int(w), height=int(h), camera_type=CameraType.PERSPECTIVE)
+
+    def render_pixels(
+        self, c2w: Float[Tensor, "num 3 4"], pixels: Int[Tensor, "num count 2"]
+    ) -> Float[Tensor, "num count 3"]:
+        """Render the given pixels (row, col) of each camera; differentiable w.r.t. c2w and the field."""
+        n, count = pixels.shape[:2]
+        cams = self.cameras_from_c2w(c2w)
+        idx = torch.arange(n, device=c2w.device).repeat_interleave(count)[:, None]
+        coords = pixels.reshape(-1, 2).float() + 0.5  # nerfstudio samples pixel centres
+        rays = cams.generate_rays(camera_indices=idx, coords=coords)
+        return super().forward(rays)["rgb"].reshape(n, count, 3)
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, ray_bundle: Union[RayBundle, Cameras, Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """A batch dict (training through the pipeline, also under DDP) or nerfstudio's rays / cameras."""
+        if isinstance(ray_bundle, dict):
+            return self.get_train_outputs(ray_bundle)
+        return super().forward(ray_bundle)
+
+    def get_train_outputs(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        c2w, scores = self.pose_encoder(batch["x_t"], batch["t"])
+        bsz, k = scores.shape
+        if k > 1:
+            with torch.no_grad():
+                pix = batch["score_pixels"].repeat_interleave(k, dim=0)
+                rgb = self.render_pixels(c2w.detach().reshape(bsz * k, 3, 4), pix)
+                target = gather_pixels(batch["image"], batch["score_pixels"])
+                cand_err = (rgb.reshape(bsz, k, -1, 3) - target[:, None]).pow(2).mean(dim=(-1, -2))
+            winner = cand_err.argmin(dim=1)
+        else:
+            cand_err = torch.zeros(bsz, 1, device=c2w.device)
+            winner = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
+        best = c2w[torch.arange(bsz, device=c2w.device), winner]
+        rgb = self.render_pixels(best, batch["loss_pixels"])
+        return {"rgb": rgb, "scores": scores, "winner": winner, "cand_err": cand_err, "c2w": c2w}
+
+    def get_metrics_dict(self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        metrics: Dict[str, Tensor] = {}
+        if "winner" not in outputs:
+            return metrics
+        target = gather_pixels(batch["image"], batch["loss_pixels"])
+        mse = (outputs["rgb"] - target).pow(2).mean()
+        metrics["chosen_loss"] = mse.detach()
+        metrics["psnr"] = -10.0 * torch.log10(mse.detach().clamp_min(1e-10))
+        k = outputs["scores"].shape[1]
+        if k > 1:
+            metrics["score_argmax_is_argmin"] = (outputs["scores"].argmax(1) == outputs["winner"]).float().mean()
+            usage = torch.bincount(outputs["winner"], minlength=k).float() / outputs["winner"].numel()
+            metrics["candidate_usage_entropy"] = -(usage * usage.clamp_min(1e-12).log()).sum() / math.log(k)
+            for i in range(k):
+                metrics[f"candidate_usage/{i:02d}"] = usage[i]
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        if "winner" not in outputs:
+            return {}
+        target = gather_pixels(batch["image"], batch["loss_pixels"])
+        loss = {"rgb_loss": F.mse_loss(outputs["rgb"], target)}
+        if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
+            loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
+        if self.config.tv_loss_mult > 0 and hasattr(self.field, "total_variation"):
+            loss["tv_loss"] = self.config.tv_loss_mult * self.field.total_variation()
+        return loss
+
+    # ----------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict_c2w(
+        self, x_t: Float[Tensor, "batch 3 height width"], t: Int[Tensor, "batch"]
+    ) -> Tuple[Float[Tensor, "batch 3 4"], Int[Tensor, "batch"]]:
+        """The top-scoring candidate camera of each image (test-time rule) and its index."""
+        c2w, scores = self.pose_encoder(x_t, t)
+        top = scores.argmax(dim=1)
+        return c2w[torch.arange(c2w.shape[0], device=c2w.device), top], top
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        gt = batch["image"][..., :3].to(outputs["rgb"].device)
+        rgb = outputs["rgb"]
+        gt_chw, rgb_chw = gt.permute(2, 0, 1)[None], rgb.clamp(0, 1).permute(2, 0, 1)[None]
+        metrics = {
+            "psnr": float(self.psnr(rgb_chw, gt_chw)),
+            "ssim": float(self.ssim(rgb_chw, gt_chw)),
+            "lpips": float(self.lpips(rgb_chw, gt_chw)),
+        }
+        assert self.config.collider_params is not None
+        depth = colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"],
+                                               near_plane=self.config.collider_params["near_plane"],
+                                               far_plane=self.config.collider_params["far_plane"])
+        images = {"img": torch.cat([gt, rgb], dim=1), "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
+                  "depth": depth}
+        return metrics, images

@@ -1,0 +1,124 @@
+"""Pose encoder: reads a noisy image x_t and its timestep, predicts K candidate cameras and K scores.
+
+Shaped like nerfstudio's CameraOptimizer: a config with ``_target``, a module that contributes its own param
+group (``pose_encoder``) to the model, built with ``config.setup(...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Tuple, Type
+
+import torch
+from jaxtyping import Float, Int
+from nerfstudio.configs.base_config import InstantiateConfig
+from torch import Tensor, nn
+
+from diffusion_utils.unet_blocks import TimestepEmbedder, UNetEncoder, UNetTrunkConfig
+from gen_lifting.cameras import (
+    CandidateLayout,
+    candidate_positions,
+    look_at_origin,
+    octant_signs,
+    rotvec_translation_to_c2w,
+)
+
+
+def paper_trunk() -> UNetTrunkConfig:
+    """Thesis trunk: 5 downsamplings, 2 ResBlocks each, channels [C, C, 2C, 2C, 4C], C = 64."""
+    return UNetTrunkConfig(base_channels=64, channel_mults=(1, 1, 2, 2, 4), num_res_blocks=2,
+                           mid_attention=False, norm_groups=32, downsample_last=True)
+
+
+def cpu_trunk() -> UNetTrunkConfig:
+    """CPU preset trunk for 64x64 inputs: 4 downsamplings, 1 ResBlock each, C = 16."""
+    return UNetTrunkConfig(base_channels=16, channel_mults=(1, 2, 2, 4), num_res_blocks=1,
+                           mid_attention=False, norm_groups=8, downsample_last=True)
+
+
+@dataclass
+class PoseEncoderConfig(InstantiateConfig):
+    """Configuration of the pose encoder."""
+
+    _target: Type = field(default_factory=lambda: PoseEncoder)
+    mode: Literal["candidates", "single"] = "candidates"
+    """candidates: K look-at-origin cameras on a sphere (360 scenes); single: one free camera per image from
+    axis-angle + translation (forward-facing scenes)."""
+    num_candidates: int = 12
+    """K, the number of candidate cameras (candidates mode)."""
+    layout: CandidateLayout = "upper"
+    """upper: candidates over the 4 upper quadrants (z > 0); sphere: one group per octant (full-sphere scenes)."""
+    radius: float = 4.0
+    """Fixed distance of every candidate camera from the origin (blender scenes: about 4.03)."""
+    trunk: UNetTrunkConfig = field(default_factory=cpu_trunk)
+    """U-Net encoder trunk that reads the noisy image."""
+    spread_init: bool = True
+    """Initialise the candidates of one octant at different elevations (otherwise they start identical)."""
+
+
+class PoseEncoder(nn.Module):
+    """x_t, t -> candidate camera-to-world matrices [batch, cand, 3, 4] and scores [batch, cand]."""
+
+    config: PoseEncoderConfig
+
+    def __init__(self, config: PoseEncoderConfig, **kwargs) -> None:
+        super().__init__()
+        self.config = config
+        trunk = config.trunk
+        self.time_embed = TimestepEmbedder(trunk.base_channels, trunk.temb_channels)
+        self.encoder = UNetEncoder(trunk)
+        feat = self.encoder.out_channels
+        self.norm = nn.GroupNorm(trunk.norm_groups, feat)
+        if config.mode == "candidates":
+            self.register_buffer("signs", octant_signs(config.layout, config.num_candidates), persistent=False)
+            k = config.num_candidates
+            self.direction_head = nn.Linear(feat, 3 * k)
+            self.score_head = nn.Linear(feat, k)
+            self._init_candidate_heads()
+        elif config.mode == "single":
+            self.direction_head = nn.Linear(feat, 6)
+            self.score_head = None
+            nn.init.zeros_(self.direction_head.weight)
+            nn.init.zeros_(self.direction_head.bias)
+        else:
+            raise ValueError(f"pose encoder mode must be 'candidates' or 'single', got {config.mode!r}")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.config.num_candidates if self.config.mode == "candidates" else 1
+
+    def _init_candidate_heads(self) -> None:
+        """Small weights so that at start every candidate sits near its bias position; biases spread the
+        candidates of one octant over elevations (sigmoid(v_z) low..high)."""
+        nn.init.normal_(self.direction_head.weight, std=1e-3)
+        nn.init.zeros_(self.score_head.weight)
+        nn.init.zeros_(self.score_head.bias)
+        bias = torch.zeros(self.config.num_candidates, 3)
+        if self.config.spread_init:
+            per_group = self.config.num_candidates // len(torch.unique(self.signs, dim=0))
+            for i in range(self.config.num_candidates):
+                j = i % per_group
+                bias[i, 2] = torch.linspace(-1.0, 1.0, per_group)[j] if per_group > 1 else 0.0
+        with torch.no_grad():
+            self.direction_head.bias.copy_(bias.reshape(-1))
+
+    def features(self, x_t: Float[Tensor, "batch 3 height width"], t: Int[Tensor, "batch"]) -> Tensor:
+        temb = self.time_embed(t)
+        h, _ = self.encoder(x_t, temb)
+        return nn.functional.silu(self.norm(h)).mean(dim=(2, 3))
+
+    def forward(
+        self, x_t: Float[Tensor, "batch 3 height width"], t: Int[Tensor, "batch"]
+    ) -> Tuple[Float[Tensor, "batch cand 3 4"], Float[Tensor, "batch cand"]]:
+        feat = self.features(x_t, t)
+        if self.config.mode == "single":
+            raw = self.direction_head(feat)
+            c2w = rotvec_translation_to_c2w(raw[:, :3], raw[:, 3:])
+            return c2w.unsqueeze(1), torch.zeros(feat.shape[0], 1, device=feat.device)
+        raw = self.direction_head(feat).reshape(feat.shape[0], self.config.num_candidates, 3)
+        positions = candidate_positions(raw, self.signs, self.config.radius)
+        return look_at_origin(positions), self.score_head(feat)
+
+    def get_param_groups(self, param_groups: Dict[str, List[nn.Parameter]]) -> None:
+        """Adds this module's parameters to the ``pose_encoder`` group (like CameraOptimizer)."""
+        param_groups["pose_encoder"] = list(self.parameters())

@@ -1,0 +1,74 @@
+"""Camera parameterisation and pose encoder: shapes and geometric invariants."""
+
+import pytest
+import torch
+
+from gen_lifting.cameras import candidate_positions, look_at_origin, octant_signs, rotvec_translation_to_c2w
+from gen_lifting.pose_encoder import PoseEncoderConfig
+from diffusion_utils.unet_blocks import UNetTrunkConfig
+
+
+def test_octant_signs_layouts():
+    up = octant_signs("upper", 12)
+    assert up.shape == (12, 3) and (up[:, 2] == 1).all()
+    assert len(torch.unique(up, dim=0)) == 4
+    sphere = octant_signs("sphere", 8)
+    assert len(torch.unique(sphere, dim=0)) == 8
+    with pytest.raises(ValueError):
+        octant_signs("upper", 10)
+    with pytest.raises(ValueError):
+        octant_signs("cube", 8)
+
+
+def test_candidates_on_sphere_in_their_octant():
+    signs = octant_signs("sphere", 16)
+    raw = torch.randn(5, 16, 3) * 3
+    pos = candidate_positions(raw, signs, radius=4.0)
+    assert torch.allclose(pos.norm(dim=-1), torch.full((5, 16), 4.0), atol=1e-5)
+    assert (torch.sign(pos) == signs).all()
+
+
+def test_look_at_is_orthonormal_and_points_at_origin():
+    pos = candidate_positions(torch.randn(7, 12, 3), octant_signs("upper", 12), 4.0)
+    c2w = look_at_origin(pos)
+    rot = c2w[..., :3]
+    eye = torch.eye(3).expand_as(rot)
+    assert torch.allclose(rot.transpose(-1, -2) @ rot, eye, atol=1e-5)
+    assert torch.allclose(torch.linalg.det(rot), torch.ones(7, 12), atol=1e-5)
+    # optical axis (-z) from the centre passes through the origin
+    forward = -rot[..., 2]
+    assert torch.allclose(c2w[..., 3] + 4.0 * forward, torch.zeros(7, 12, 3), atol=1e-4)
+    # zero roll: the camera's x axis is horizontal
+    assert torch.allclose(rot[..., 2, 0], torch.zeros(7, 12), atol=1e-5)
+
+
+def test_rotvec_c2w_identity_and_orthonormal():
+    c2w = rotvec_translation_to_c2w(torch.zeros(2, 3), torch.tensor([[1.0, 2, 3], [0, 0, 0]]))
+    assert torch.allclose(c2w[:, :, :3], torch.eye(3).expand(2, 3, 3))
+    rot = rotvec_translation_to_c2w(torch.randn(4, 3), torch.zeros(4, 3))[..., :3]
+    assert torch.allclose(rot.transpose(-1, -2) @ rot, torch.eye(3).expand(4, 3, 3), atol=1e-5)
+
+
+def _tiny_trunk() -> UNetTrunkConfig:
+    return UNetTrunkConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, norm_groups=4,
+                           mid_attention=False, downsample_last=True)
+
+
+def test_pose_encoder_shapes_and_spread():
+    enc = PoseEncoderConfig(num_candidates=12, trunk=_tiny_trunk()).setup()
+    c2w, scores = enc(torch.randn(3, 3, 16, 16), torch.tensor([0, 50, 99]))
+    assert c2w.shape == (3, 12, 3, 4) and scores.shape == (3, 12)
+    assert torch.allclose(c2w[..., 3].norm(dim=-1), torch.full((3, 12), 4.0), atol=1e-4)
+    # the 3 candidates of one quadrant start at different elevations
+    z = c2w[0, :3, 2, 3]
+    assert len(torch.unique(z.round(decimals=3))) == 3
+    groups = {}
+    enc.get_param_groups(groups)
+    assert sum(p.numel() for p in groups["pose_encoder"]) == sum(p.numel() for p in enc.parameters())
+
+
+def test_pose_encoder_single_mode_starts_at_identity():
+    enc = PoseEncoderConfig(mode="single", trunk=_tiny_trunk()).setup()
+    c2w, scores = enc(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert c2w.shape == (2, 1, 3, 4) and scores.shape == (2, 1)
+    assert torch.allclose(c2w[:, 0, :, :3], torch.eye(3).expand(2, 3, 3))
