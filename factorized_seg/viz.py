@@ -1,0 +1,85 @@
+"""Colour-coded masks, overlays, image grids and atomic image writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+PALETTE = torch.tensor([
+    [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [145, 30, 180], [70, 240, 240],
+    [245, 130, 48], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40],
+], dtype=torch.float32) / 255.0
+
+
+def colour_masks(masks: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch 3 height width"]:
+    """Soft masks -> RGB in [0, 1]: each region's colour weighted by its mask (argmax colours if masks are hard)."""
+    k = masks.shape[1]
+    pal = PALETTE[torch.arange(k) % len(PALETTE)].to(masks)
+    return torch.einsum("bkhw,kc->bchw", masks, pal)
+
+
+def overlay(images01: Float[Tensor, "batch 3 height width"], masks: Float[Tensor, "batch k height width"],
+            alpha: float = 0.5) -> Float[Tensor, "batch 3 height width"]:
+    """Image blended with the colour of each pixel's argmax region."""
+    hard = torch.nn.functional.one_hot(masks.argmax(1), masks.shape[1]).permute(0, 3, 1, 2).to(masks)
+    return (1 - alpha) * images01 + alpha * colour_masks(hard)
+
+
+def image_mask_grid(images01: Float[Tensor, "batch 3 height width"],
+                    masks: Float[Tensor, "batch k height width"] | None, nrow: int = 8) -> Tensor:
+    """Rows of images, each row followed by a row of their colour-coded soft masks."""
+    rows = []
+    for start in range(0, images01.shape[0], nrow):
+        rows.append(images01[start:start + nrow])
+        if masks is not None:
+            rows.append(colour_masks(masks[start:start + nrow]))
+    return make_grid(torch.cat(rows), nrow=nrow, padding=1, pad_value=1.0)
+
+
+def to_uint8(img01: Float[Tensor, "3 height width"]) -> np.ndarray:
+    return (img01.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def atomic_save_image(array: np.ndarray | Image.Image, path: Path) -> None:
+    """PIL save to a temp file in the same folder, then os.replace (no half-written PNGs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix, prefix=".tmp-")
+    os.close(fd)
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensor_image(img01: Float[Tensor, "3 height width"], path: Path) -> None:
+    atomic_save_image(to_uint8(img01), path)
+
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz", prefix=".tmp-")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def label_names(names: Sequence[str]) -> list:
+    return [Path(n).stem for n in names]
