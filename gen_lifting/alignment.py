@@ -1,0 +1,92 @@
+"""Pose evaluation in an arbitrary learned frame: align predicted cameras to ground truth, then measure errors.
+
+The learned world frame of a pose-free model is only defined up to a rotation (360 scenes, cameras around
+the origin) or a similarity transform, so predicted camera centres are first registered to the ground-truth
+centres (Umeyama/Kabsch, from roma), the same transform is applied to the predicted rotations, and only then
+are angles compared. Poses are camera-to-world, ``[N, 3, 4]`` or ``[N, 4, 4]``, in one camera convention
+(OpenGL/nerfstudio) for both inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Literal, Optional, Tuple
+
+import roma
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+AlignMode = Literal["similarity", "rotation"]
+
+
+def umeyama(
+    src: Float[Tensor, "num_points 3"], dst: Float[Tensor, "num_points 3"], with_scale: bool = True
+) -> Tuple[Float[Tensor, "3 3"], Float[Tensor, "3"], Float[Tensor, ""]]:
+    """(R, t, s) minimising sum ||s R src_i + t - dst_i||^2 (s = 1 when ``with_scale`` is False)."""
+    if src.shape != dst.shape or src.shape[0] < 3:
+        raise ValueError(f"umeyama needs two matching [N>=3, 3] point sets, got {tuple(src.shape)} and {tuple(dst.shape)}")
+    if with_scale:
+        return roma.rigid_points_registration(src, dst, compute_scaling=True)
+    rotation, translation = roma.rigid_points_registration(src, dst, compute_scaling=False)
+    return rotation, translation, torch.ones((), dtype=src.dtype)
+
+
+def fit_alignment(
+    pred_centers: Float[Tensor, "num_cams 3"], gt_centers: Float[Tensor, "num_cams 3"], mode: AlignMode = "similarity"
+) -> Tuple[Float[Tensor, "3 3"], Float[Tensor, "3"], Float[Tensor, ""]]:
+    """Transform (R, t, s) taking predicted camera centres onto ground truth.
+
+    ``similarity``: rotation, translation and scale (Umeyama). ``rotation``: a rotation about the origin only
+    (t = 0, s = 1), for 360 scenes whose learned and true frames are both centred on the object.
+    """
+    if mode == "similarity":
+        return umeyama(pred_centers, gt_centers, with_scale=True)
+    if mode == "rotation":
+        # orthogonal Procrustes without centring: argmax_R tr(R^T sum_i gt_i pred_i^T)
+        rotation = roma.special_procrustes(gt_centers.T @ pred_centers)
+        return rotation, torch.zeros(3, dtype=pred_centers.dtype), torch.ones((), dtype=pred_centers.dtype)
+    raise ValueError(f"alignment mode must be 'similarity' or 'rotation', got {mode!r}")
+
+
+def align_cameras(
+    pred_c2w: Float[Tensor, "num_cams rows 4"], gt_c2w: Float[Tensor, "num_cams rows 4"], mode: AlignMode = "similarity"
+) -> Float[Tensor, "num_cams 3 4"]:
+    """Predicted cameras expressed in the ground-truth frame (fitted on camera centres)."""
+    pred, gt = pred_c2w[:, :3, :4], gt_c2w[:, :3, :4]
+    rotation, translation, scale = fit_alignment(pred[:, :, 3], gt[:, :, 3], mode)
+    rotations = rotation @ pred[:, :, :3]
+    centers = scale * pred[:, :, 3] @ rotation.T + translation
+    return torch.cat([rotations, centers[:, :, None]], dim=2)
+
+
+def _mean_median(prefix: str, values: Tensor) -> Dict[str, float]:
+    return {f"{prefix}_mean": values.mean().item(), f"{prefix}_median": torch.quantile(values, 0.5).item()}
+
+
+def pose_errors(
+    pred_c2w: Float[Tensor, "num_cams rows 4"],
+    gt_c2w: Float[Tensor, "num_cams rows 4"],
+    mode: AlignMode = "similarity",
+    threshold_deg: float = 15.0,
+    scene_center: Optional[Float[Tensor, "3"]] = None,
+) -> Dict[str, float]:
+    """Errors after alignment: rotation geodesic angle, share within ``threshold_deg``, camera-centre errors.
+
+    Keys: rot_err_mean_deg, rot_err_median_deg, within_{threshold}deg (e.g. within_15deg), center_angle_err_mean_deg
+    / _median_deg (angle between aligned and true centre seen from ``scene_center``, default the origin), and
+    center_dist_mean / _median (in ground-truth units).
+    """
+    pred, gt = pred_c2w.double(), gt_c2w.double()[:, :3, :4]
+    aligned = align_cameras(pred, gt, mode)
+    rot_err = torch.rad2deg(roma.rotmat_geodesic_distance(aligned[:, :, :3], gt[:, :, :3]))
+    center = torch.zeros(3, dtype=torch.float64) if scene_center is None else scene_center.double()
+    pred_dir, gt_dir = aligned[:, :, 3] - center, gt[:, :, 3] - center
+    cosine = torch.nn.functional.cosine_similarity(pred_dir, gt_dir, dim=1).clamp(-1.0, 1.0)
+    center_angle = torch.rad2deg(torch.arccos(cosine))
+    errors = {
+        **{k + "_deg": v for k, v in _mean_median("rot_err", rot_err).items()},
+        f"within_{threshold_deg:g}deg": (rot_err <= threshold_deg).double().mean().item(),
+        **{k + "_deg": v for k, v in _mean_median("center_angle_err", center_angle).items()},
+        **_mean_median("center_dist", torch.linalg.norm(aligned[:, :, 3] - gt[:, :, 3], dim=1)),
+    }
+    return errors

@@ -1,0 +1,94 @@
+"""Umeyama alignment and pose errors in an arbitrary learned frame."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import roma
+import torch
+
+from gen_lifting.alignment import align_cameras, fit_alignment, pose_errors, umeyama
+
+
+def _look_at_origin(centers: torch.Tensor) -> torch.Tensor:
+    """OpenGL c2w [N, 4, 4] for cameras at ``centers`` looking at the origin (world z up)."""
+    back = centers / centers.norm(dim=1, keepdim=True)
+    right = torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0], dtype=centers.dtype).expand_as(back), back)
+    right = right / right.norm(dim=1, keepdim=True)
+    up = torch.linalg.cross(back, right)
+    c2w = torch.eye(4, dtype=centers.dtype).repeat(len(centers), 1, 1)
+    c2w[:, :3, :3] = torch.stack([right, up, back], dim=2)
+    c2w[:, :3, 3] = centers
+    return c2w
+
+
+def _gt_cameras(n: int = 12, radius: float = 4.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    azimuth = torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi
+    elevation = torch.rand(n, generator=g, dtype=torch.float64) * 1.2 + 0.1
+    dirs = torch.stack([elevation.cos() * azimuth.cos(), elevation.cos() * azimuth.sin(), elevation.sin()], 1)
+    return _look_at_origin(radius * dirs)
+
+
+def _to_other_frame(c2w: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor, scale: float):
+    """The same cameras seen in a frame x' = scale * rotation @ x + translation."""
+    out = c2w.clone()
+    out[:, :3, :3] = rotation @ c2w[:, :3, :3]
+    out[:, :3, 3] = scale * c2w[:, :3, 3] @ rotation.T + translation
+    return out
+
+
+def test_umeyama_recovers_a_known_similarity():
+    torch.manual_seed(0)
+    src = torch.randn(20, 3, dtype=torch.float64)
+    rotation = roma.random_rotmat(dtype=torch.float64)
+    translation, scale = torch.tensor([0.3, -2.0, 1.5], dtype=torch.float64), 2.7
+    dst = scale * src @ rotation.T + translation
+    r, t, s = umeyama(src, dst, with_scale=True)
+    assert torch.allclose(r, rotation, atol=1e-10) and torch.allclose(t, translation, atol=1e-10)
+    assert s.item() == pytest.approx(scale, rel=1e-10)
+    r, t, s = umeyama(src, src @ rotation.T + translation, with_scale=False)
+    assert torch.allclose(r, rotation, atol=1e-10) and torch.allclose(t, translation, atol=1e-10) and s == 1
+
+
+@pytest.mark.parametrize("rows", [3, 4])
+def test_aligned_copies_have_zero_error(rows):
+    gt = _gt_cameras()
+    pred = _to_other_frame(gt, roma.random_rotmat(dtype=torch.float64), torch.tensor([1.0, 2.0, 3.0]).double(), 0.4)
+    aligned = align_cameras(pred[:, :rows], gt[:, :rows])
+    assert aligned.shape == (12, 3, 4) and torch.allclose(aligned, gt[:, :3], atol=1e-9)
+    errors = pose_errors(pred[:, :rows].float(), gt[:, :rows].float())
+    assert errors["rot_err_mean_deg"] < 1e-2 and errors["center_angle_err_mean_deg"] < 1e-2
+    assert errors["within_15deg"] == 1.0 and errors["center_dist_mean"] < 1e-4
+
+
+def test_one_perturbed_view_gives_its_known_rotation_error():
+    gt = _gt_cameras()
+    pred = _to_other_frame(gt, roma.random_rotmat(dtype=torch.float64), torch.zeros(3).double(), 1.5)
+    twist = roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, math.radians(30.0)], dtype=torch.float64))
+    pred[4, :3, :3] = pred[4, :3, :3] @ twist  # 30 deg about its own optical axis; centre unchanged
+    errors = pose_errors(pred, gt)
+    assert errors["rot_err_mean_deg"] == pytest.approx(30.0 / 12, abs=1e-6)
+    assert errors["rot_err_median_deg"] == pytest.approx(0.0, abs=1e-6)
+    assert errors["within_15deg"] == pytest.approx(11 / 12)
+    assert pose_errors(pred, gt, threshold_deg=31.0)["within_31deg"] == 1.0
+
+
+def test_rotation_mode_aligns_about_the_origin_without_scale():
+    gt = _gt_cameras(radius=4.0)
+    pred = _to_other_frame(gt, roma.random_rotmat(dtype=torch.float64), torch.zeros(3).double(), 0.5)  # radius 2
+    rotation, translation, scale = fit_alignment(pred[:, :3, 3], gt[:, :3, 3], mode="rotation")
+    assert translation.abs().max() == 0 and scale == 1
+    errors = pose_errors(pred, gt, mode="rotation")
+    assert errors["rot_err_mean_deg"] < 1e-6
+    assert errors["center_angle_err_median_deg"] < 1e-5
+    assert errors["center_dist_mean"] == pytest.approx(2.0, abs=1e-9)  # radius 2 vs 4: only the distance differs
+
+
+def test_wrong_inputs_raise():
+    gt = _gt_cameras()
+    with pytest.raises(ValueError, match="similarity' or 'rotation"):
+        align_cameras(gt, gt, mode="affine")
+    with pytest.raises(ValueError, match="N>=3"):
+        align_cameras(gt[:2], gt[:2])
