@@ -18,6 +18,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 
 from diffusion_utils.schedule import DiffusionScheduleConfig, to_model_range
+from gen_lifting.data_checks import SceneDataError, validate_scene
 from gen_lifting.datasets import DataNotFoundError, resolve_data
 
 
@@ -52,7 +53,8 @@ class GenLiftingDataManager(VanillaDataManager):
         data = config.data if config.data is not None else config.dataparser.data
         try:
             path = resolve_data(data)
-        except DataNotFoundError as err:
+            validate_scene(path)
+        except (DataNotFoundError, SceneDataError) as err:
             raise SystemExit(f"error: {err}") from None
         config = replace(config, data=path, dataparser=replace(config.dataparser, data=path))
         self.schedule = config.diffusion.setup()

@@ -36,6 +36,11 @@ class GridFieldConfig(InstantiateConfig):
     """Added to the grid value before the exp activation (negative: start nearly empty)."""
     init_std: float = 0.1
     """Standard deviation of the random initial grid values."""
+    coarse_to_fine_steps: int = 0
+    """Steps over which the effective grid resolution grows from ``coarse_resolution`` to ``resolution``
+    (log-linearly; 0 = full resolution from the start). A coarse field gives smooth pose gradients early."""
+    coarse_resolution: int = 8
+    """Effective resolution at step 0 when ``coarse_to_fine_steps > 0``."""
 
 
 class GridField(Field):
@@ -48,9 +53,22 @@ class GridField(Field):
         r = config.resolution
         self.density_grid = nn.Parameter(torch.randn(1, 1, r, r, r) * config.init_std)
         self.color_grid = nn.Parameter(torch.randn(1, 3, r, r, r) * config.init_std)
+        self.effective_resolution = r if config.coarse_to_fine_steps <= 0 else config.coarse_resolution
+
+    def set_step(self, step: int) -> None:
+        """Coarse-to-fine schedule of the effective resolution (a training callback calls this)."""
+        cfg = self.config
+        if cfg.coarse_to_fine_steps <= 0:
+            return
+        frac = min(1.0, step / cfg.coarse_to_fine_steps)
+        res = cfg.coarse_resolution * (cfg.resolution / cfg.coarse_resolution) ** frac
+        self.effective_resolution = int(round(min(res, cfg.resolution)))
 
     def _sample(self, grid: Tensor, positions: Float[Tensor, "*bs 3"]) -> Tensor:
         """Trilinear lookup; positions outside the box read zeros (padding)."""
+        if self.effective_resolution < grid.shape[-1]:
+            size = (self.effective_resolution,) * 3  # a coarse view of the same parameters
+            grid = F.interpolate(grid, size=size, mode="trilinear", align_corners=True)
         unit = SceneBox.get_normalized_positions(positions, self.aabb) * 2.0 - 1.0  # [-1, 1]
         flat = unit.reshape(1, -1, 1, 1, 3)
         values = F.grid_sample(grid, flat, mode="bilinear", padding_mode="zeros", align_corners=True)

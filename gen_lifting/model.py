@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.model_components.ray_samplers import UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
@@ -50,6 +51,11 @@ class GenLiftingModelConfig(ModelConfig):
     """lambda, weight of CE(scores, argmin) (paper: 0.1)."""
     tv_loss_mult: float = 0.0
     """Weight of the total-variation prior on the field's grids."""
+    random_route_prob: float = 0.0
+    """Early exploration: chance that an image's gradient goes to a random candidate instead of the argmin
+    (linearly decayed to 0 over ``random_route_steps``; the CE target stays the argmin)."""
+    random_route_steps: int = 0
+    """Steps over which ``random_route_prob`` decays to 0."""
 
 
 def gather_pixels(
@@ -79,6 +85,23 @@ class GenLiftingModel(Model):
         from gen_lifting.lpips_offline import make_lpips  # AlexNet LPIPS that also works offline
 
         self.lpips = make_lpips()
+        self.step = 0
+
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        def set_step(step: int) -> None:
+            self.step = step
+            if hasattr(self.field, "set_step"):
+                self.field.set_step(step)
+
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], set_step)]
+
+    def route_prob(self) -> float:
+        cfg = self.config
+        if cfg.random_route_prob <= 0 or cfg.random_route_steps <= 0:
+            return 0.0
+        return cfg.random_route_prob * max(0.0, 1.0 - self.step / cfg.random_route_steps)
 
     # ----------------------------------------------------------------------------------- parameters
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -135,10 +158,15 @@ class GenLiftingModel(Model):
                 target = gather_pixels(batch["image"], batch["score_pixels"])
                 cand_err = (rgb.reshape(bsz, k, -1, 3) - target[:, None]).pow(2).mean(dim=(-1, -2))
             winner = cand_err.argmin(dim=1)
+            routed = winner
+            p = self.route_prob() if self.training else 0.0
+            if p > 0:
+                explore = torch.rand(bsz, device=c2w.device) < p
+                routed = torch.where(explore, torch.randint(0, k, (bsz,), device=c2w.device), winner)
         else:
             cand_err = torch.zeros(bsz, 1, device=c2w.device)
-            winner = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
-        best = c2w[torch.arange(bsz, device=c2w.device), winner]
+            winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
+        best = c2w[torch.arange(bsz, device=c2w.device), routed]
         rgb = self.render_pixels(best, batch["loss_pixels"])
         return {"rgb": rgb, "scores": scores, "winner": winner, "cand_err": cand_err, "c2w": c2w}
 

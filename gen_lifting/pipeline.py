@@ -97,7 +97,8 @@ class GenLiftingPipeline(VanillaPipeline):
 
         pred = torch.cat([self.predict_c2w(chunk) for chunk in self.datamanager.train_images.split(32)])
         gt = self.datamanager.train_dataset.cameras.camera_to_worlds.to(pred)
-        return {k: float(v) for k, v in pose_errors(pred, gt).items()}
+        mode = "rotation" if self.model.pose_encoder.config.mode == "candidates" else "similarity"
+        return {k: float(v) for k, v in pose_errors(pred, gt, mode=mode).items()}
 
     @profiler.time_function
     def get_average_eval_image_metrics(
@@ -129,7 +130,6 @@ class GenLiftingPipeline(VanillaPipeline):
             result[key] = float(values.mean())
             if get_std:
                 result[f"{key}_std"] = float(values.std())
-        if self.model.pose_encoder.config.mode == "candidates":
-            result.update(self.evaluate_poses())
+        result.update(self.evaluate_poses())
         self.train()
         return result

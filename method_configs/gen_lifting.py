@@ -7,6 +7,7 @@ This module must not import ``nerfstudio.configs.method_configs`` (that module i
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
@@ -18,15 +19,19 @@ from nerfstudio.plugins.types import MethodSpecification
 from gen_lifting import compat
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.grid_field import GridFieldConfig
+from gen_lifting.llff_dataparser import LLFFDataParserConfig
+from gen_lifting.lpips_offline import ensure_lpips_weights
 from gen_lifting.model import GenLiftingModelConfig
 from gen_lifting.pipeline import GenLiftingPipelineConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig, paper_trunk
 
 compat.apply()  # checkpoint loading under torch's weights_only default, ffmpeg for ns-render, spiral dtype
+ensure_lpips_weights()  # nerfstudio's own models (nerfacto...) build AlexNet LPIPS: make it load offline
 
 
 def _adam(lr: float) -> dict:
-    return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15, betas=(0.9, 0.999)), "scheduler": None}
+    # Adam's default betas (0.9, 0.999) are the paper's.
+    return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": None}
 
 
 def make_config(
@@ -86,4 +91,14 @@ gen_lifting_gpu = MethodSpecification(
         model=GenLiftingModelConfig(field=GridFieldConfig(resolution=160), num_samples=128),
     ),
     description="Paper-scale gen-lifting for a GPU (paper trunk C=64, 200k iterations, encoder lr 2e-5).",
+)
+
+gen_lifting_single = MethodSpecification(
+    config=make_config(
+        "gen-lifting-single",
+        pose_encoder=PoseEncoderConfig(mode="single"),
+        datamanager=GenLiftingDataManagerConfig(dataparser=LLFFDataParserConfig(data=Path("fern"), downscale_factor=4)),
+        model=GenLiftingModelConfig(collider_params={"near_plane": 1.0, "far_plane": 12.0}),
+    ),
+    description="gen-lifting for forward-facing scenes (LLFF): one camera per image from axis-angle + translation.",
 )

@@ -1,0 +1,267 @@
+"""gen-lifting quality benchmark: every method gets the same wall-clock training budget on one scene.
+
+    python benchmarks/lifting.py --budget-s 600 --scenes lego --methods gen-lifting gen-lifting-ae \
+        grid-gt-poses nerfacto-gt-poses nerfacto-camopt-no-poses
+
+Methods
+  gen-lifting / gen-lifting-ae / gen-lifting-single : this package (poses never seen in training).
+  grid-gt-poses            : the same grid field trained with the true poses (upper bound, same renderer).
+  nerfacto-gt-poses        : nerfstudio's nerfacto with the true poses (upper bound, CPU-sized).
+  nerfacto-camopt-no-poses : nerfacto + its CameraOptimizer (SO3xR3), every training camera starting at one
+                             point of the sphere (the "refine-only" peer: poses that carry no information).
+Test metrics: PSNR / SSIM / LPIPS (AlexNet) on held-out views; gen-lifting renders each from the pose it
+predicts for that view, the others from the true test pose. Pose errors: training cameras after aligning
+predicted to true camera centres (rotation about the origin for 360 scenes, similarity for LLFF).
+Prints a table and writes JSON with machine, command and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single")
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {gpu}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def set_path(obj: Any, dotted: str, value: Any) -> None:
+    """``--set pipeline.model.field.resolution=32`` style overrides (JSON values)."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        obj = obj[name] if isinstance(obj, dict) else getattr(obj, name)
+    if isinstance(obj, dict):
+        obj[last] = value
+    else:
+        setattr(obj, last, value)
+
+
+def no_pose_copy(scene: Path, out: Path) -> Path:
+    """Blender scene whose training cameras all sit at the first camera's pose (images untouched)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        meta = json.loads((scene / f"transforms_{split}.json").read_text())
+        if split == "train":
+            first = meta["frames"][0]["transform_matrix"]
+            for frame in meta["frames"]:
+                frame["transform_matrix"] = first
+        for frame in meta["frames"]:
+            frame["file_path"] = str((scene / frame["file_path"]).resolve())
+        (out / f"transforms_{split}.json").write_text(json.dumps(meta))
+    return out
+
+
+def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
+    from gen_lifting.datasets import resolve_data
+
+    data = resolve_data(scene)
+    if method in GEN_METHODS or method == "grid-gt-poses":
+        import method_configs.gen_lifting as specs
+
+        name = "gen-lifting" if method == "grid-gt-poses" else method
+        config = copy.deepcopy(getattr(specs, name.replace("-", "_")).config)
+    elif method.startswith("nerfacto"):
+        from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+        from nerfstudio.configs.method_configs import method_configs
+        from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+        from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+        config = copy.deepcopy(method_configs["nerfacto"])
+        model = config.pipeline.model
+        model.camera_optimizer = CameraOptimizerConfig(mode="SO3xR3" if "camopt" in method else "off")
+        model.background_color = "white"
+        model.disable_scene_contraction = True
+        model.num_nerf_samples_per_ray = 24
+        model.num_proposal_samples_per_ray = (64, 32)
+        model.near_plane, model.far_plane = 2.0, 6.0
+        model.eval_num_rays_per_chunk = 4096
+        config.pipeline.datamanager = VanillaDataManagerConfig(dataparser=BlenderDataParserConfig(),
+                                                               train_num_rays_per_batch=1024)
+        config.mixed_precision = False
+        if "camopt" in method:
+            data = no_pose_copy(data, tmp / "no_pose_scene")
+    else:
+        raise SystemExit(f"error: unknown method {method!r}")
+    config.pipeline.datamanager.data = data
+    if hasattr(config.pipeline.datamanager, "dataparser"):
+        config.pipeline.datamanager.dataparser.data = data
+    config.machine.device_type = args.device
+    config.output_dir = tmp / "outputs"
+    config.vis = "tensorboard"
+    config.max_num_iterations = 10**9
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        set_path(config, key, json.loads(raw))
+    config.set_timestamp()
+    return config
+
+
+def train(method: str, config, budget_s: float, log_every_s: float):
+    """Train for ``budget_s`` seconds of wall clock (setup excluded); returns the trainer and step count."""
+    import torch.nn.functional as F
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    from gen_lifting.model import gather_pixels
+
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup(test_mode="test")
+    pipe = trainer.pipeline
+    oracle = None
+    if method == "grid-gt-poses":  # the same field, fitted with the true poses (benchmark-only code path)
+        gt = pipe.datamanager.train_dataset.cameras.camera_to_worlds.to(pipe.device)
+        oracle = torch.optim.Adam(pipe.model.field.parameters(), lr=config.optimizers["fields"]["optimizer"].lr,
+                                  eps=1e-15)
+    start, step, next_log = time.time(), 0, 0.0
+    while time.time() - start < budget_s:
+        if oracle is not None:
+            _, batch = pipe.datamanager.next_train(step)
+            rgb = pipe.model.render_pixels(gt[batch["image_idx"]], batch["loss_pixels"])
+            loss = F.mse_loss(rgb, gather_pixels(batch["image"], batch["loss_pixels"]))
+            oracle.zero_grad()
+            loss.backward()
+            oracle.step()
+            metrics: Dict[str, Any] = {}
+        else:
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+            loss, _, metrics = trainer.train_iteration(step)
+            for cb in trainer.callbacks:
+                cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        step += 1
+        elapsed = time.time() - start
+        if log_every_s > 0 and elapsed >= next_log:
+            next_log += log_every_s
+            line = f"  [{method}] {elapsed:6.0f}s step {step:6d} loss {float(loss):.4f}"
+            if method in GEN_METHODS:
+                pipe.eval()
+                pe = pipe.evaluate_poses()
+                pipe.train()
+                line += (f" rot_med {pe['rot_err_median_deg']:6.1f} within15 {pe['within_15deg']:.2f}"
+                         f" usage_entropy {float(metrics.get('candidate_usage_entropy', 0)):.2f}")
+            print(line, flush=True)
+    return trainer, step, time.time() - start
+
+
+@torch.no_grad()
+def evaluate(method: str, trainer, eval_images: int, scene: Path) -> Dict[str, float]:
+    from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader
+
+    pipe = trainer.pipeline
+    dm = pipe.datamanager
+    n = len(dm.eval_dataset) if eval_images <= 0 else min(eval_images, len(dm.eval_dataset))
+    step = max(1, len(dm.eval_dataset) // n)
+    dm.fixed_indices_eval_dataloader = FixedIndicesEvalDataloader(
+        input_dataset=dm.eval_dataset, image_indices=tuple(range(0, step * n, step)), device=dm.device)
+    if method == "grid-gt-poses":
+        # true test poses; GenLiftingPipeline's own eval would pose the views with the (untrained) encoder
+        from nerfstudio.pipelines.base_pipeline import VanillaPipeline
+
+        raw = VanillaPipeline.get_average_eval_image_metrics(pipe)
+    else:
+        raw = pipe.get_average_eval_image_metrics()
+    keep = ("psnr", "ssim", "lpips", "rot_err_median_deg", "rot_err_mean_deg", "within_15deg",
+            "center_angle_err_median_deg")
+    result = {k: float(raw[k]) for k in keep if k in raw}
+    if method == "nerfacto-camopt-no-poses":
+        result.update(camera_optimizer_pose_errors(pipe, scene))
+    return result
+
+
+def true_train_c2w(scene: Path) -> torch.Tensor:
+    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+    outputs = BlenderDataParserConfig(data=scene).setup().get_dataparser_outputs("train")
+    return outputs.cameras.camera_to_worlds
+
+
+def camera_optimizer_pose_errors(pipe, original_scene: Path) -> Dict[str, float]:
+    """Pose errors of nerfacto's optimised training cameras (start pose + learned correction) vs truth."""
+    from gen_lifting.alignment import pose_errors
+
+    cams = pipe.datamanager.train_dataset.cameras
+    idx = torch.arange(len(cams), device=pipe.device)
+    start = cams.camera_to_worlds.to(pipe.device)
+    adj = pipe.model.camera_optimizer(idx)  # [N, 3, 4] correction
+    rot = start[:, :, :3] @ adj[:, :, :3]
+    trans = start[:, :, 3:] + adj[:, :, 3:]
+    pred = torch.cat([rot, trans], dim=-1)
+    gt = true_train_c2w(original_scene).to(pred)
+    errors = pose_errors(pred, gt, mode="rotation")
+    return {k: errors[k] for k in ("rot_err_median_deg", "rot_err_mean_deg", "within_15deg")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock seconds per method")
+    parser.add_argument("--scenes", nargs="+", default=["lego"], help="bundled scene names or paths")
+    parser.add_argument("--methods", nargs="+", default=["gen-lifting", "gen-lifting-ae", "grid-gt-poses"])
+    parser.add_argument("--eval-images", type=int, default=50, help="held-out views evaluated (0 = all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--log-every-s", type=float, default=60.0, help="progress line interval (0 = off)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                        help="config overrides for every method, e.g. pipeline.model.field.resolution=32")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lifting.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for scene in args.scenes:
+        results[scene] = {}
+        for method in args.methods:
+            if (method == "gen-lifting-single") != (scene == "fern"):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                config = build_config(method, scene, args, Path(tmp))
+                print(f"== {scene} / {method}: training {args.budget_s:.0f}s", flush=True)
+                trainer, steps, train_s = train(method, config, args.budget_s, args.log_every_s)
+                from gen_lifting.datasets import resolve_data
+
+                metrics = evaluate(method, trainer, args.eval_images, resolve_data(scene))
+                metrics.update(train_s=train_s, steps=steps)
+                results[scene][method] = metrics
+                print(f"   {json.dumps({k: round(v, 4) for k, v in metrics.items()})}", flush=True)
+    header = f"{'scene':6s} {'method':26s} {'PSNR':>6s} {'SSIM':>6s} {'LPIPS':>6s} {'rot med':>8s} {'<=15deg':>8s} {'steps':>7s}"
+    print(header)
+    for scene, rows in results.items():
+        for method, m in rows.items():
+            print(f"{scene:6s} {method:26s} {m['psnr']:6.2f} {m['ssim']:6.3f} {m['lpips']:6.3f} "
+                  f"{m.get('rot_err_median_deg', float('nan')):8.1f} {m.get('within_15deg', float('nan')):8.2f} "
+                  f"{int(m['steps']):7d}")
+    payload = {"machine": machine(), "commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+               "budget_s": args.budget_s, "scenes": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp_out, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
