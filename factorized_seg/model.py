@@ -63,14 +63,22 @@ class FactorizedUNetConfig:
     a positional shortcut (a frame mask); reflect hides it."""
     num_classes: int = 0
     """Number of class labels for class-conditional training (0 = unconditional)."""
+    mask_pool: int = 1
+    """Mask logits are average-pooled by this factor and upsampled bilinearly before the softmax (1 = full
+    resolution, as in the paper). Small models on CPU budgets otherwise split the pixel lattice (masks of
+    alternating columns, a positional shortcut); smooth masks cannot."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ValueError on an impossible architecture (called by ``setup``; tyro would wrap an error raised
+        while parsing into a multi-line box, the CLI wants one line)."""
         if self.num_regions < 1:
             raise ValueError(f"num_regions (K) must be >= 1, got {self.num_regions}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.scheme == "hierarchical" and self.num_subregions < 1:
             raise ValueError(f"num_subregions must be >= 1, got {self.num_subregions}")
+        if self.mask_pool < 1:
+            raise ValueError(f"mask_pool must be >= 1, got {self.mask_pool}")
         bad = [c for c in self.channel_mults if (c * self.base_channels) % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every level width (base_channels * mult)")
@@ -98,6 +106,7 @@ class FactorizedUNetConfig:
         return 2 ** (len(self.channel_mults) - 1)
 
     def setup(self) -> "FactorizedUNet":
+        self.validate()
         return FactorizedUNet(self)
 
 
@@ -134,6 +143,7 @@ class FactorizedUNet(nn.Module):
 
     def __init__(self, config: FactorizedUNetConfig) -> None:
         super().__init__()
+        config.validate()
         self.config = config
         trunk = config.trunk
         self.time_embed = TimestepEmbedder(trunk.base_channels, trunk.temb_channels, config.num_classes)
@@ -180,7 +190,15 @@ class FactorizedUNet(nn.Module):
         self, h_mid: Tensor, skips: Sequence[Tensor], temb: Tensor
     ) -> Float[Tensor, "batch k height width"]:
         """Stage 3: the mask generator's softmax over the K regions."""
-        return torch.softmax(self.mask_generator(h_mid, skips, temb), dim=1)
+        return self._softmax_masks(self.mask_generator(h_mid, skips, temb))
+
+    def _softmax_masks(self, logits: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
+        p = self.config.mask_pool
+        if p > 1:
+            size = logits.shape[-2:]
+            logits = F.interpolate(F.avg_pool2d(logits, p, ceil_mode=True), size=size, mode="bilinear",
+                                   align_corners=False)
+        return torch.softmax(logits, dim=1)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -232,7 +250,7 @@ class FactorizedUNet(nn.Module):
         skips_i = mask_skips(skips, m0)
         h_i = h_mid.repeat_interleave(k, dim=0)
         temb_i = temb.repeat_interleave(k, dim=0)
-        m1 = torch.softmax(self.submask_generator(h_i, skips_i, temb_i), dim=1)  # (batch*k, k2, h, w)
+        m1 = self._softmax_masks(self.submask_generator(h_i, skips_i, temb_i))  # (batch*k, k2, h, w)
         eps0 = self.decoder(h_i, skips_i, temb_i)  # (batch*k, c, h, w)
         skips_ij = mask_skips(skips_i, m1)  # (batch*k*k2) rows
         eps1 = self.decoder(h_i.repeat_interleave(k2, dim=0), skips_ij, temb_i.repeat_interleave(k2, dim=0))

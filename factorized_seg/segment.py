@@ -73,7 +73,7 @@ def run_segment(cfg: SegmentConfig) -> List[Path]:
             atomic_save_image(label, path)
             written.append(path)
             if cfg.save_overlays:
-                img = torch.from_numpy(np.asarray(read_rgb(f))).permute(2, 0, 1).float() / 255
+                img = torch.from_numpy(np.array(read_rgb(f))).permute(2, 0, 1).float() / 255
                 atomic_save_image(to_uint8(overlay(img[None], full)[0]), out / "overlays" / f"{f.stem}.png")
             if cfg.save_soft:
                 atomic_save_npz(out / "soft" / f"{f.stem}.npz", masks=masks[j].numpy().astype(np.float16))

@@ -202,7 +202,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not cfg.resume and ckpt_path.is_file():
         raise SegDataError(f"{out_dir} already holds a run: pass --resume to continue it or pick another --output-dir")
 
-    # 1. data (everything is checked before anything is written)
+    # 1. data and architecture (everything is checked before anything is written)
+    cfg.model.validate()
     files = list_images(resolve_data(cfg.data))
     labels, classes = (read_labels(cfg.labels, files) if cfg.labels is not None else (None, []))
     if cfg.labels is not None and cfg.model.num_classes != len(classes):
