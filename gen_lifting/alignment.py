@@ -28,7 +28,7 @@ def umeyama(
     if with_scale:
         return roma.rigid_points_registration(src, dst, compute_scaling=True)
     rotation, translation = roma.rigid_points_registration(src, dst, compute_scaling=False)
-    return rotation, translation, torch.ones((), dtype=src.dtype)
+    return rotation, translation, torch.ones((), dtype=src.dtype, device=src.device)
 
 
 def fit_alignment(
@@ -44,7 +44,7 @@ def fit_alignment(
     if mode == "rotation":
         # orthogonal Procrustes without centring: argmax_R tr(R^T sum_i gt_i pred_i^T)
         rotation = roma.special_procrustes(gt_centers.T @ pred_centers)
-        return rotation, torch.zeros(3, dtype=pred_centers.dtype), torch.ones((), dtype=pred_centers.dtype)
+        return rotation, torch.zeros(3, dtype=pred_centers.dtype, device=pred_centers.device), torch.ones((), dtype=pred_centers.dtype, device=pred_centers.device)
     raise ValueError(f"alignment mode must be 'similarity' or 'rotation', got {mode!r}")
 
 
@@ -79,7 +79,7 @@ def pose_errors(
     pred, gt = pred_c2w.double(), gt_c2w.double()[:, :3, :4]
     aligned = align_cameras(pred, gt, mode)
     rot_err = torch.rad2deg(roma.rotmat_geodesic_distance(aligned[:, :, :3], gt[:, :, :3]))
-    center = torch.zeros(3, dtype=torch.float64) if scene_center is None else scene_center.double()
+    center = torch.zeros(3, dtype=torch.float64, device=pred.device) if scene_center is None else scene_center.to(pred)
     pred_dir, gt_dir = aligned[:, :, 3] - center, gt[:, :, 3] - center
     cosine = torch.nn.functional.cosine_similarity(pred_dir, gt_dir, dim=1).clamp(-1.0, 1.0)
     center_angle = torch.rad2deg(torch.arccos(cosine))
