@@ -122,3 +122,9 @@ def test_registered_as_llff_data_without_importing_method_configs():
     )
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bundled_fern_matches_the_shared_source(shared_data):
+    source = shared_data / "nerf_llff" / "fern"
+    assert np.array_equal(np.load(source / "poses_bounds.npy"), np.load(FERN / "poses_bounds.npy"))
+    assert sorted(p.name for p in (source / "images_8").iterdir()) == sorted(p.name for p in (FERN / "images_8").iterdir())

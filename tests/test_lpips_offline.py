@@ -96,3 +96,8 @@ def test_ensure_leaves_a_user_cache_that_has_alexnet_alone(tmp_path, cache_dir, 
     assert ensure_lpips_weights() is None
     assert torch.hub._hub_dir is None and user_file.read_bytes() == b"user's own file"
     assert not cache_dir.exists()
+
+
+def test_vendored_npz_is_the_shared_weights_file(shared_data):
+    source = shared_data / "weights" / "lpips_alexnet.npz"
+    assert source.read_bytes() == lpips_offline.LPIPS_NPZ.read_bytes()
