@@ -55,9 +55,10 @@ def _ffmpeg_on_path() -> None:
         return
     try:
         import imageio_ffmpeg
-    except ImportError:
+
+        exe = Path(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError):  # not installed, or its binary is missing on this platform
         return
-    exe = Path(imageio_ffmpeg.get_ffmpeg_exe())
     bin_dir = project_cache_dir() / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     link = bin_dir / "ffmpeg"
