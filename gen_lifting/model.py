@@ -56,6 +56,8 @@ class GenLiftingModelConfig(ModelConfig):
     (linearly decayed to 0 over ``random_route_steps``; the CE target stays the argmin)."""
     random_route_steps: int = 0
     """Steps over which ``random_route_prob`` decays to 0."""
+    viewer_frustum_every: int = 100
+    """Redraw the predicted training cameras in the viewer every N steps (0 = never)."""
 
 
 def gather_pixels(
@@ -95,7 +97,18 @@ class GenLiftingModel(Model):
             if hasattr(self.field, "set_step"):
                 self.field.set_step(step)
 
-        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], set_step)]
+        callbacks = [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], set_step)]
+        trainer, pipeline = training_callback_attributes.trainer, training_callback_attributes.pipeline
+        if self.config.viewer_frustum_every > 0 and trainer is not None and pipeline is not None:
+            from gen_lifting.viewer_frustums import update_viewer_frustums
+
+            def draw(step: int) -> None:
+                if trainer.viewer_state is not None:
+                    update_viewer_frustums(pipeline, trainer.viewer_state)
+
+            callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], draw,
+                                              update_every_num_iters=self.config.viewer_frustum_every))
+        return callbacks
 
     def route_prob(self) -> float:
         cfg = self.config

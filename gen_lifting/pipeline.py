@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 import torchvision.utils as vutils
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import profiler
@@ -68,13 +68,19 @@ class GenLiftingPipeline(VanillaPipeline):
 
     # ----------------------------------------------------------------------------------- posing
     @torch.no_grad()
-    def predict_c2w(self, images: Float[Tensor, "batch height width 3"]) -> Float[Tensor, "batch 3 4"]:
-        """Pose images (in [0, 1]) with the encoder at the evaluation noise level; top-scoring candidate."""
+    def predict(
+        self, images: Float[Tensor, "batch height width 3"]
+    ) -> Tuple[Float[Tensor, "batch 3 4"], Int[Tensor, "batch"]]:
+        """Pose images (in [0, 1]) with the encoder at the evaluation noise level: the top-scoring camera of
+        each image and its candidate index."""
         dm = self.datamanager
-        t = torch.full((images.shape[0],), dm.config.eval_timestep, dtype=torch.long, device=images.device)
+        t = torch.full((images.shape[0],), dm.config.eval_timestep, dtype=torch.long, device=self.device)
         gen = torch.Generator().manual_seed(self.config.eval_pose_seed)
-        x_t, t_used = dm.encoder_input(images.to(self.device), t.to(self.device), gen)
-        return self.model.predict_c2w(x_t, t_used)[0]
+        x_t, t_used = dm.encoder_input(images.to(self.device), t, gen)
+        return self.model.predict_c2w(x_t, t_used)
+
+    def predict_c2w(self, images: Float[Tensor, "batch height width 3"]) -> Float[Tensor, "batch 3 4"]:
+        return self.predict(images)[0]
 
     def predict_cameras(self, images: Float[Tensor, "batch height width 3"]) -> Cameras:
         return self.model.cameras_from_c2w(self.predict_c2w(images)).to(self.device)

@@ -98,7 +98,7 @@ gen_lifting_single = MethodSpecification(
         "gen-lifting-single",
         pose_encoder=PoseEncoderConfig(mode="single"),
         datamanager=GenLiftingDataManagerConfig(dataparser=LLFFDataParserConfig(data=Path("fern"), downscale_factor=4)),
-        model=GenLiftingModelConfig(collider_params={"near_plane": 1.0, "far_plane": 12.0}),
+        model=GenLiftingModelConfig(collider_params={"near_plane": 1.0, "far_plane": 7.0}),
     ),
     description="gen-lifting for forward-facing scenes (LLFF): one camera per image from axis-angle + translation.",
 )

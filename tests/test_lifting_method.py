@@ -180,3 +180,32 @@ def test_golden_training_fits_tiny_lego(tiny_lego):
         psnrs.append(float(metrics["psnr"]))
     start, end = sum(psnrs[:10]) / 10, sum(psnrs[-10:]) / 10
     assert end > start + 4.0, (start, end)
+
+
+def test_viewer_frustums_follow_predicted_poses(pipeline):
+    from gen_lifting.viewer_frustums import update_viewer_frustums
+
+    class Handle:
+        position = wxyz = None
+
+    class Scene:
+        def __init__(self):
+            self.calls = []
+
+        def add_camera_frustum(self, name, **kwargs):
+            self.calls.append((name, kwargs))
+
+    class Server:
+        scene = Scene()
+
+    class ViewerState:
+        viser_server = Server()
+        camera_handles = {0: Handle()}
+
+    state = ViewerState()
+    drawn = update_viewer_frustums(pipeline, state)
+    n = len(pipeline.datamanager.train_images)
+    assert drawn == n and len(state.viser_server.scene.calls) == n
+    pred = pipeline.predict_c2w(pipeline.datamanager.train_images[:1])[0]
+    assert torch.allclose(torch.tensor(state.camera_handles[0].position, dtype=torch.float32), pred[:, 3] * 10, atol=1e-3)
+    assert update_viewer_frustums(pipeline, object()) == 0  # no viewer: nothing drawn

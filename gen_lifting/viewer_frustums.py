@@ -1,0 +1,53 @@
+"""Draw the *predicted* camera of every training image in the viser viewer, coloured by candidate.
+
+nerfstudio's viewer places one frustum (with the image thumbnail) per training camera at the dataset's pose and
+moves it only for models with a CameraOptimizer. gen-lifting never trusts those poses, so this callback moves
+the viewer's frustums to the poses the encoder predicts and adds a small frustum coloured by the winning
+candidate, the way ``ViewerState.update_camera_poses`` does for the camera optimizer.
+"""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import torch
+
+VISER_NERFSTUDIO_SCALE_RATIO = 10.0  # nerfstudio.viewer.viewer's scene scale
+
+
+def candidate_colour(index: int, count: int) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(index / max(count, 1), 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+@torch.no_grad()
+def update_viewer_frustums(pipeline, viewer_state) -> int:
+    """Move/draw frustums at the predicted poses; returns how many were drawn (0 without a viewer)."""
+    server = getattr(viewer_state, "viser_server", None)
+    if server is None:
+        return 0
+    import viser.transforms as vtf
+
+    model = pipeline.model
+    was_training = pipeline.training
+    pipeline.eval()
+    poses = [pipeline.predict(chunk) for chunk in pipeline.datamanager.train_images.split(32)]
+    if was_training:
+        pipeline.train()
+    c2w_list, cand_list = [p[0].cpu() for p in poses], [p[1].cpu() for p in poses]
+    c2ws, cands = torch.cat(c2w_list).numpy(), torch.cat(cand_list).tolist()
+    k = model.pose_encoder.num_candidates
+    fx, _, cx, cy = model.intrinsics[:4].tolist()
+    handles = getattr(viewer_state, "camera_handles", {}) or {}
+    for i, (c2w, cand) in enumerate(zip(c2ws, cands)):
+        rot = vtf.SO3.from_matrix(c2w[:3, :3]) @ vtf.SO3.from_x_radians(np.pi)
+        position = c2w[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO
+        if i in handles:  # the viewer's thumbnail frustum of this training image
+            handles[i].position = position
+            handles[i].wxyz = rot.wxyz
+        server.scene.add_camera_frustum(
+            name=f"/gen_lifting/predicted/cam_{i:05d}", fov=float(2 * np.arctan(cx / fx)), aspect=cx / cy,
+            scale=0.05, color=candidate_colour(cand, k), wxyz=rot.wxyz, position=position,
+        )
+    return len(cands)
