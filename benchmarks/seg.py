@@ -57,9 +57,10 @@ TRAINED = {
     "unshared": {"model.scheme": "unshared", "model.num_regions": 2},
     "plain-kmeans": {"model.scheme": "plain"},
 }
-CLASSICAL = ("grabcut", "kmeans-colour")
+CLASSICAL = ("grabcut", "kmeans-colour", "centre-disc")
 ALL_MODELS = tuple(TRAINED) + CLASSICAL
-DEFAULT_MODELS = ("factorized-k2", "factorized-k3", "concat", "mask_mid", "plain-kmeans", "grabcut", "kmeans-colour")
+DEFAULT_MODELS = ("factorized-k2", "factorized-k3", "concat", "mask_mid", "plain-kmeans", "grabcut", "kmeans-colour",
+                  "centre-disc")
 
 
 def dataset_dirs(name: str) -> Optional[tuple]:
@@ -135,6 +136,13 @@ def colour_kmeans_label(f: Path) -> np.ndarray:
     return order_by_border(kmeans_labels(lab, 2, 0).reshape(img.shape[:2]), 2)
 
 
+def centre_disc_label(f: Path) -> np.ndarray:
+    """Image-independent prior: an ellipse centred in the image, semi-axes 35% of width / height."""
+    w, h = read_rgb(f).size
+    yy, xx = np.mgrid[:h, :w]
+    return ((((xx + 0.5) / w - 0.5) / 0.35) ** 2 + (((yy + 0.5) / h - 0.5) / 0.35) ** 2 <= 1).astype(np.uint8)
+
+
 def plain_kmeans_labels(run: Path, files: List[Path], pred_dir: Path, t: int = 30, seed: int = 0) -> None:
     """DatasetDDPM-unsup baseline: per image, 2-means on the plain DDPM's decoder features at t (model res)."""
     model, schedule, meta = load_for_inference(run)
@@ -150,6 +158,16 @@ def plain_kmeans_labels(run: Path, files: List[Path], pred_dir: Path, t: int = 3
         w, h = read_rgb(f).size
         full = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
         atomic_save_image(full.astype(np.uint8), pred_dir / f"{f.stem}.png")
+
+
+def position_only_share(pred_dir: Path, files: List[Path], size: int = 32) -> float:
+    """How much of the labelling a fixed per-pixel map explains: share of pixels (all images, at size x size)
+    whose label equals that pixel's most common label over the dataset. 1.0 = the same mask for every image
+    (a purely positional split); GrabCut / colour k-means give lower values."""
+    labs = np.stack([cv2.resize(read_mask(pred_dir / f"{f.stem}.png"), (size, size), interpolation=cv2.INTER_NEAREST)
+                     for f in files]).astype(np.int64)
+    mode = np.apply_along_axis(lambda v: np.bincount(v).argmax(), 0, labs)
+    return float(np.mean(labs == mode[None]))
 
 
 def score(pred_dir: Path, mask_dir: Path) -> dict:
@@ -194,7 +212,10 @@ def run_model(name: str, ds: str, args, overrides: Dict[str, object]) -> dict:
         write_labels(pred_dir, files, grabcut_label)
     elif name == "kmeans-colour":
         write_labels(pred_dir, files, colour_kmeans_label)
+    elif name == "centre-disc":
+        write_labels(pred_dir, files, centre_disc_label)
     row.update(score(pred_dir, mask_dir))
+    row["position_only_share"] = position_only_share(pred_dir, files)
     row["total_s"] = time.time() - t0
     return row
 
@@ -256,13 +277,13 @@ def commit() -> str:
 
 def print_table(results: dict) -> None:
     print(f"{'dataset':<10} {'model':<15} {'strict Acc':>10} {'IoU':>6} {'DICE':>6} | {'IEM Acc':>8} {'IoU':>6} "
-          f"{'DICE':>6} | {'train s':>7} {'steps':>6}")
+          f"{'DICE':>6} | {'train s':>7} {'steps':>6} {'pos.only':>8}")
     for ds, rows in results.items():
         for m, r in rows.items():
             s, i = r["strict"], r["iem"]
             print(f"{ds:<10} {m:<15} {100 * s['acc']:10.1f} {100 * s['iou']:6.1f} {100 * s['dice']:6.1f} | "
                   f"{100 * i['acc']:8.1f} {100 * i['iou']:6.1f} {100 * i['dice']:6.1f} | "
-                  f"{r.get('train_s', 0):7.0f} {r.get('steps', ''):>6}")
+                  f"{r.get('train_s', 0):7.0f} {r.get('steps', ''):>6} {r.get('position_only_share', 0):8.2f}")
 
 
 def main() -> None:
