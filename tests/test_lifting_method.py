@@ -164,6 +164,21 @@ def test_ns_train_two_iterations(tmp_path, tiny_lego, method):
     main(config)
     ckpts = list((tmp_path / "outputs").rglob("step-*.ckpt"))
     assert ckpts, "no checkpoint written"
+    if method != "gen_lifting":
+        return
+    # the commands that use a trained run, on the checkpoint just written
+    from gen_lifting.scripts.cli import entrypoint
+
+    cfg = str(next((tmp_path / "outputs").rglob("config.yml")))
+    photo = str(next((tiny_lego / "test").glob("*.png")))
+    out = tmp_path / "uses"
+    entrypoint(["predict-pose", "--load-config", cfg, "--image", photo, "--output-dir", str(out / "pose")])
+    pose = json.loads((out / "pose" / "pose.json").read_text())
+    assert len(pose["camera_to_world"]) == 3 and 0 <= pose["candidate"] < 12
+    entrypoint(["sample", "--load-config", cfg, "--output-dir", str(out / "sample")])
+    assert (out / "sample" / "sample_000" / "view.png").is_file()
+    entrypoint(["orbit", "--load-config", cfg, "--output-dir", str(out / "orbit"), "--frames", "8"])
+    assert (out / "orbit" / "orbit.png").is_file()
 
 
 def test_golden_training_fits_tiny_lego(tiny_lego):
