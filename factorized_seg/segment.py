@@ -49,7 +49,11 @@ class SegmentConfig:
 def run_segment(cfg: SegmentConfig) -> List[Path]:
     """Segment every image; returns the written label PNG paths."""
     model, schedule, meta = load_for_inference(cfg.run, cfg.device)
-    files = list_images(resolve_data(cfg.images) if "*" not in cfg.images else cfg.images)
+    try:
+        source: str | Path = resolve_data(cfg.images)
+    except SegDataError:
+        source = cfg.images  # a glob pattern (or a missing path, which list_images reports)
+    files = list_images(source)
     res = int(meta["resolution"])
     stems = [f.stem for f in files]
     if len(set(stems)) != len(stems):

@@ -35,8 +35,13 @@ def overlay(images01: Float[Tensor, "batch 3 height width"], masks: Float[Tensor
 
 
 def image_mask_grid(images01: Float[Tensor, "batch 3 height width"],
-                    masks: Float[Tensor, "batch k height width"] | None, nrow: int = 8) -> Tensor:
-    """Rows of images, each row followed by a row of their colour-coded soft masks."""
+                    masks: Float[Tensor, "batch k height width"] | None, nrow: int = 8, min_size: int = 64) -> Tensor:
+    """Rows of images, each row followed by a row of their colour-coded soft masks (tiles enlarged, nearest
+    neighbour, to at least ``min_size`` pixels so 32x32 runs stay readable)."""
+    scale = max(1, -(-min_size // images01.shape[-1]))
+    if scale > 1:
+        images01 = torch.nn.functional.interpolate(images01, scale_factor=scale, mode="nearest")
+        masks = None if masks is None else torch.nn.functional.interpolate(masks, scale_factor=scale, mode="nearest")
     rows = []
     for start in range(0, images01.shape[0], nrow):
         rows.append(images01[start:start + nrow])

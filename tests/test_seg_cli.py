@@ -86,6 +86,12 @@ def test_segment_sample_eval(trained, capsys):
     for f in labels:
         assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(out2 / "masks" / f.name)))
 
+    # A glob pattern selects files.
+    code, _, err = run_cli(["segment", "--run", run, "--images", f"{images}/im[0-2].png", "--output-dir",
+                            root / "seg-glob", "--t", 5, "--no-progress", "--no-save-overlays"], capsys)
+    assert code == 0, err
+    assert len(list((root / "seg-glob" / "masks").glob("*.png"))) == 3
+
     for sampler, steps in (("ddpm", 0), ("ddim", 3), ("dpm", 3)):
         sout = root / f"sample-{sampler}"
         code, _, err = run_cli(["sample", "--run", run, "--output-dir", sout, "--num", 3, "--sampler", sampler,
