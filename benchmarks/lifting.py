@@ -77,6 +77,19 @@ def no_pose_copy(scene: Path, out: Path) -> Path:
     return out
 
 
+def is_llff(scene: str) -> bool:
+    from gen_lifting.datasets import resolve_data
+
+    return (resolve_data(scene) / "poses_bounds.npy").is_file()
+
+
+def runs_on(method: str, scene: str) -> bool:
+    """gen-lifting-single is for forward-facing (LLFF) scenes, the rest of gen-lifting and nerfacto for 360."""
+    if method == "grid-gt-poses":
+        return True
+    return (method == "gen-lifting-single") == is_llff(scene)
+
+
 def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
     from gen_lifting.datasets import resolve_data
 
@@ -84,7 +97,9 @@ def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
     if method in GEN_METHODS or method == "grid-gt-poses":
         import method_configs.gen_lifting as specs
 
-        name = "gen-lifting" if method == "grid-gt-poses" else method
+        name = method
+        if method == "grid-gt-poses":
+            name = "gen-lifting-single" if is_llff(scene) else "gen-lifting"
         config = copy.deepcopy(getattr(specs, name.replace("-", "_")).config)
     elif method.startswith("nerfacto"):
         from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
@@ -235,7 +250,7 @@ def main() -> None:
     for scene in args.scenes:
         results[scene] = {}
         for method in args.methods:
-            if (method == "gen-lifting-single") != (scene == "fern"):
+            if not runs_on(method, scene):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 config = build_config(method, scene, args, Path(tmp))

@@ -181,7 +181,7 @@ class GenLiftingModel(Model):
             winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
         best = c2w[torch.arange(bsz, device=c2w.device), routed]
         rgb = self.render_pixels(best, batch["loss_pixels"])
-        return {"rgb": rgb, "scores": scores, "winner": winner, "cand_err": cand_err, "c2w": c2w}
+        return {"rgb": rgb, "scores": scores, "winner": winner, "routed": routed, "cand_err": cand_err, "c2w": c2w}
 
     def get_metrics_dict(self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         metrics: Dict[str, Tensor] = {}

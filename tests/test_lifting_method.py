@@ -49,6 +49,9 @@ def tiny_config(data: Path, method: str = "gen_lifting"):
     model = config.pipeline.model
     model.num_samples = 16
     model.field.resolution = 16
+    model.field.coarse_to_fine_steps = 0  # the CPU preset's schedules are step-based; unit tests use none
+    model.random_route_prob = 0.0
+    model.tv_loss_mult = 0.0
     model.pose_encoder.trunk = UNetTrunkConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, norm_groups=4,
                                                mid_attention=False, downsample_last=True)
     config.machine.device_type = "cpu"
@@ -100,7 +103,7 @@ def test_gradient_reaches_only_the_chosen_candidate(pipeline):
     loss = sum(pipe.model.get_loss_dict(outputs, batch).values())
     loss.backward()
     grad = outputs["c2w"].grad.abs().sum(dim=(-1, -2))  # [batch, cand]
-    chosen = F.one_hot(outputs["winner"], grad.shape[1]).bool()
+    chosen = F.one_hot(outputs["routed"], grad.shape[1]).bool()
     assert (grad[~chosen] == 0).all()
     assert (grad[chosen] > 0).all()
     pipe.model.zero_grad()
@@ -113,8 +116,25 @@ def test_ce_target_is_argmin_of_candidate_error(pipeline):
         outputs = pipe.model(batch)
         loss = pipe.model.get_loss_dict(outputs, batch)
     assert torch.equal(outputs["winner"], outputs["cand_err"].argmin(dim=1))
+    assert torch.equal(outputs["routed"], outputs["winner"])  # no exploration configured
     expected = 0.1 * F.cross_entropy(outputs["scores"], outputs["cand_err"].argmin(dim=1))
     assert torch.allclose(loss["score_ce_loss"], expected)
+
+
+def test_random_routing_sends_gradient_to_the_routed_candidate(tiny_lego):
+    pipe = setup_pipeline(tiny_lego)
+    pipe.model.config.random_route_prob, pipe.model.config.random_route_steps = 1.0, 10
+    pipe.model.step = 0
+    torch.manual_seed(5)
+    _, batch = pipe.datamanager.next_train(0)
+    outputs = pipe.model(batch)
+    outputs["c2w"].retain_grad()
+    sum(pipe.model.get_loss_dict(outputs, batch).values()).backward()
+    grad = outputs["c2w"].grad.abs().sum(dim=(-1, -2))
+    assert torch.equal(grad.argmax(dim=1), outputs["routed"])
+    assert torch.equal(outputs["winner"], outputs["cand_err"].argmin(dim=1))  # CE target stays the argmin
+    pipe.model.step = 10
+    assert pipe.model.route_prob() == 0.0
 
 
 def test_eval_uses_predicted_poses_and_reports_metrics(pipeline):
