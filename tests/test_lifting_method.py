@@ -199,6 +199,11 @@ def test_ns_train_two_iterations(tmp_path, tiny_lego, method):
     assert (out / "sample" / "sample_000" / "view.png").is_file()
     entrypoint(["orbit", "--load-config", cfg, "--output-dir", str(out / "orbit"), "--frames", "8"])
     assert (out / "orbit" / "orbit.png").is_file()
+    # ns-render's spiral camera path on the same run (video through the bundled ffmpeg)
+    from nerfstudio.scripts.render import SpiralRender
+
+    SpiralRender(load_config=Path(cfg), output_path=out / "spiral.mp4", seconds=0.5, frame_rate=8).main()
+    assert (out / "spiral.mp4").stat().st_size > 0
 
 
 def test_golden_training_fits_tiny_lego(tiny_lego):
