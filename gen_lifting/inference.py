@@ -133,3 +133,33 @@ def save_png(image: Float[Tensor, "height width 3"], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def plot_cameras(pred_c2w: Float[Tensor, "num 3 4"], gt_c2w: Float[Tensor, "num 3 4"], path: Path,
+                 title: str = "") -> None:
+    """Top and side views of true vs predicted (rotation-aligned) camera centres, lines joining each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gen_lifting.alignment import align_cameras
+
+    aligned = align_cameras(pred_c2w.double(), gt_c2w.double(), mode="rotation")[:, :, 3].numpy()
+    gt = gt_c2w[:, :3, 3].double().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, (i, j, name) in zip(axes, [(0, 1, "top view (x, y)"), (0, 2, "side view (x, z)")]):
+        for a, b in zip(aligned, gt):
+            ax.plot([a[i], b[i]], [a[j], b[j]], color="0.7", linewidth=0.5)
+        ax.scatter(gt[:, i], gt[:, j], s=10, c="tab:green", label="true")
+        ax.scatter(aligned[:, i], aligned[:, j], s=10, c="tab:red", label="predicted (aligned)")
+        ax.set_title(name)
+        ax.set_aspect("equal")
+    axes[0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)

@@ -249,3 +249,14 @@ def test_viewer_frustums_follow_predicted_poses(pipeline):
     pred = pipeline.predict_c2w(pipeline.datamanager.train_images[:1])[0]
     assert torch.allclose(torch.tensor(state.camera_handles[0].position, dtype=torch.float32), pred[:, 3] * 10, atol=1e-3)
     assert update_viewer_frustums(pipeline, object()) == 0  # no viewer: nothing drawn
+
+
+def test_demo_command_writes_renders_and_camera_plot(tmp_path, tiny_lego):
+    from gen_lifting.scripts.cli import entrypoint
+
+    out = tmp_path / "demo"
+    entrypoint(["demo", "--output-dir", str(out), "--max-num-iterations", "2", "--data", str(tiny_lego)])
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"psnr", "ssim", "lpips", "rot_err_median_deg"} <= set(metrics)
+    assert (out / "orbit.png").is_file() and (out / "cameras.png").is_file()
+    assert list((out / "test_renders").glob("eval_img_*.png"))

@@ -131,7 +131,7 @@ class Demo:
         from nerfstudio.scripts.train import main as ns_train
 
         import method_configs.gen_lifting as specs
-        from gen_lifting.inference import load_pipeline, orbit_c2w, render_c2w, save_png
+        from gen_lifting.inference import load_pipeline, orbit_c2w, plot_cameras, render_c2w, save_png
 
         spec = {"gen-lifting": specs.gen_lifting, "gen-lifting-ae": specs.gen_lifting_ae}.get(self.method)
         if spec is None:
@@ -149,6 +149,11 @@ class Demo:
         _write_json({"config": str(config_path), "metrics": metrics}, self.output_dir / "metrics.json")
         frames = render_c2w(pipeline, orbit_c2w(pipeline.model.pose_encoder.config.radius, 30.0, 8)).cpu()
         save_png(torch.cat(list(frames), dim=1), self.output_dir / "orbit.png")
+        if pipeline.model.pose_encoder.config.mode == "candidates":  # camera plot (true poses: evaluation only)
+            pred = pipeline.predict_c2w(pipeline.datamanager.train_images).cpu()
+            gt = pipeline.datamanager.train_dataset.cameras.camera_to_worlds
+            plot_cameras(pred, gt, self.output_dir / "cameras.png",
+                         f"median rotation error {metrics.get('rot_err_median_deg', float('nan')):.1f} deg")
         print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
         print(f"config: {config_path}\nrenders: {self.output_dir}/test_renders, {self.output_dir}/orbit.png")
 
