@@ -72,11 +72,7 @@ def render_c2w(pipeline, c2w: Float[Tensor, "num 3 4"]) -> Float[Tensor, "num he
 @torch.no_grad()
 def predict_pose(pipeline, photo: Float[Tensor, "height width 3"]) -> Dict[str, object]:
     """Pose one photo (small noise, one encoder pass), render it back from the predicted camera."""
-    dm = pipeline.datamanager
-    t = torch.full((1,), dm.config.eval_timestep, dtype=torch.long, device=pipeline.device)
-    gen = torch.Generator().manual_seed(pipeline.config.eval_pose_seed)
-    x_t, t_used = dm.encoder_input(photo[None].to(pipeline.device), t, gen)
-    c2w_all, scores = pipeline.model.pose_encoder(x_t, t_used)
+    c2w_all, scores = pipeline.encode(photo[None])
     top = int(scores[0].argmax())
     render = render_c2w(pipeline, c2w_all[0, top : top + 1])[0]
     return {
@@ -85,7 +81,7 @@ def predict_pose(pipeline, photo: Float[Tensor, "height width 3"]) -> Dict[str, 
         "probabilities": torch.softmax(scores[0], dim=0).cpu(),
         "candidates_c2w": c2w_all[0].cpu(),
         "render": render.cpu(),
-        "t": int(t_used[0]),
+        "t": int(pipeline.datamanager.config.eval_timestep) if pipeline.datamanager.config.use_diffusion_noise else 0,
     }
 
 

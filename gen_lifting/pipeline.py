@@ -68,16 +68,23 @@ class GenLiftingPipeline(VanillaPipeline):
 
     # ----------------------------------------------------------------------------------- posing
     @torch.no_grad()
-    def predict(
+    def encode(
         self, images: Float[Tensor, "batch height width 3"]
-    ) -> Tuple[Float[Tensor, "batch 3 4"], Int[Tensor, "batch"]]:
-        """Pose images (in [0, 1]) with the encoder at the evaluation noise level: the top-scoring camera of
-        each image and its candidate index."""
+    ) -> Tuple[Float[Tensor, "batch cand 3 4"], Float[Tensor, "batch cand"]]:
+        """All candidate cameras and scores of images (in [0, 1]) noised to the evaluation level (seeded)."""
         dm = self.datamanager
         t = torch.full((images.shape[0],), dm.config.eval_timestep, dtype=torch.long, device=self.device)
         gen = torch.Generator().manual_seed(self.config.eval_pose_seed)
         x_t, t_used = dm.encoder_input(images.to(self.device), t, gen)
-        return self.model.predict_c2w(x_t, t_used)
+        return self.model.pose_encoder(x_t, t_used)
+
+    def predict(
+        self, images: Float[Tensor, "batch height width 3"]
+    ) -> Tuple[Float[Tensor, "batch 3 4"], Int[Tensor, "batch"]]:
+        """The top-scoring camera of each image (the test-time rule) and its candidate index."""
+        c2w, scores = self.encode(images)
+        top = scores.argmax(dim=1)
+        return c2w[torch.arange(c2w.shape[0], device=c2w.device), top], top
 
     def predict_c2w(self, images: Float[Tensor, "batch height width 3"]) -> Float[Tensor, "batch 3 4"]:
         return self.predict(images)[0]
