@@ -37,6 +37,9 @@ class GenLiftingDataManagerConfig(VanillaDataManagerConfig):
     """Forward noising process (paper: T = 100, linear betas 1e-4..0.02)."""
     use_diffusion_noise: bool = True
     """Noise the encoder's input. False gives the clean-image autoencoder ablation (gen-lifting-ae)."""
+    noise_warmup_steps: int = 0
+    """Curriculum over t: the largest t drawn grows linearly from 1 to T over these steps (0 = paper:
+    t ~ U{0..T-1} from the start)."""
     eval_timestep: int = 2
     """Noise level t at which unseen images are posed (ignored without diffusion noise)."""
     seed: int = 0
@@ -93,13 +96,19 @@ class GenLiftingDataManager(VanillaDataManager):
         flat = torch.randint(0, height * width, (batch, count), generator=self.generator)
         return torch.stack([flat // width, flat % width], dim=-1).to(self.device)
 
+    def t_max(self, step: int) -> int:
+        """Largest timestep (exclusive) drawn at ``step`` under the noise curriculum."""
+        total, warm = self.schedule.num_timesteps, self.config.noise_warmup_steps
+        return total if warm <= 0 else max(1, min(total, int(total * step / warm) + 1))
+
     def sample_batch(self, images: Float[Tensor, "num_images height width 3"], batch: int,
-                     t: Optional[Int[Tensor, "batch"]] = None) -> Dict[str, Tensor]:
-        """One training-style batch drawn from ``images``."""
+                     t: Optional[Int[Tensor, "batch"]] = None, step: Optional[int] = None) -> Dict[str, Tensor]:
+        """One training-style batch drawn from ``images`` (t from the curriculum at ``step`` unless given)."""
         n, h, w, _ = images.shape
         idx = torch.randint(0, n, (batch,), generator=self.generator).to(self.device)
         if t is None:
-            t = self.schedule.sample_timesteps(batch, generator=self.generator)
+            t_max = self.t_max(step) if step is not None else None
+            t = self.schedule.sample_timesteps(batch, generator=self.generator, t_max=t_max)
         t = t.to(self.device)
         clean = images[idx]
         x_t, t_used = self.encoder_input(clean, t, self.generator)
@@ -114,7 +123,7 @@ class GenLiftingDataManager(VanillaDataManager):
 
     def next_train(self, step: int) -> Tuple[None, Dict[str, Tensor]]:  # type: ignore[override]
         self.train_count += 1
-        return None, self.sample_batch(self.train_images, self.config.images_per_batch)
+        return None, self.sample_batch(self.train_images, self.config.images_per_batch, step=step)
 
     def eval_images(self) -> Float[Tensor, "num_images height width 3"]:
         """Held-out images (cached on first use)."""

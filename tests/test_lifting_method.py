@@ -260,3 +260,14 @@ def test_demo_command_writes_renders_and_camera_plot(tmp_path, tiny_lego):
     assert {"psnr", "ssim", "lpips", "rot_err_median_deg"} <= set(metrics)
     assert (out / "orbit.png").is_file() and (out / "cameras.png").is_file()
     assert list((out / "test_renders").glob("eval_img_*.png"))
+
+
+def test_noise_curriculum_caps_t(tiny_lego):
+    pipe = setup_pipeline(tiny_lego)
+    dm = pipe.datamanager
+    assert dm.t_max(0) == 100  # paper default: no curriculum
+    dm.config.noise_warmup_steps = 50
+    assert dm.t_max(0) == 1 and dm.t_max(25) == 51 and dm.t_max(50) == 100 and dm.t_max(500) == 100
+    _, batch = dm.next_train(0)
+    assert (batch["t"] == 0).all()
+    dm.config.noise_warmup_steps = 0
