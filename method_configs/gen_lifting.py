@@ -46,6 +46,13 @@ def cpu_model(**overrides) -> GenLiftingModelConfig:
     return GenLiftingModelConfig(**{**defaults, **overrides})
 
 
+def cpu_datamanager(**overrides) -> GenLiftingDataManagerConfig:
+    """CPU preset data: the paper's T = 100 schedule, reached through a noise curriculum (t_max grows from 1
+    to T over 1500 steps): with it the median pose error at 8 minutes fell from 32 to 15 degrees (README)."""
+    defaults = dict(dataparser=BlenderDataParserConfig(), noise_warmup_steps=1500)
+    return GenLiftingDataManagerConfig(**{**defaults, **overrides})
+
+
 def make_config(
     method_name: str = "gen-lifting",
     *,
@@ -58,8 +65,7 @@ def make_config(
     model: GenLiftingModelConfig | None = None,
 ) -> TrainerConfig:
     """The CPU preset (64x64 lego) unless overridden; every variant below is a call of this function."""
-    dm = replace(datamanager or GenLiftingDataManagerConfig(dataparser=BlenderDataParserConfig()),
-                 use_diffusion_noise=use_diffusion_noise)
+    dm = replace(datamanager or cpu_datamanager(), use_diffusion_noise=use_diffusion_noise)
     mdl = model or cpu_model()
     if pose_encoder is not None:
         mdl = replace(mdl, pose_encoder=pose_encoder)
@@ -109,7 +115,7 @@ gen_lifting_single = MethodSpecification(
     config=make_config(
         "gen-lifting-single",
         pose_encoder=PoseEncoderConfig(mode="single"),
-        datamanager=GenLiftingDataManagerConfig(dataparser=LLFFDataParserConfig(data=Path("fern"), downscale_factor=4)),
+        datamanager=cpu_datamanager(dataparser=LLFFDataParserConfig(data=Path("fern"), downscale_factor=4)),
         model=cpu_model(collider_params={"near_plane": 1.0, "far_plane": 7.0}),
     ),
     description="gen-lifting for forward-facing scenes (LLFF): one camera per image from axis-angle + translation.",
