@@ -130,6 +130,8 @@ def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
     config.output_dir = tmp / "outputs"
     config.vis = "tensorboard"
     config.max_num_iterations = 10**9
+    if hasattr(config.pipeline.datamanager, "seed"):
+        config.pipeline.datamanager.seed = args.seed
     for item in args.set:
         key, _, raw = item.partition("=")
         set_path(config, key, json.loads(raw))
@@ -238,6 +240,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["gen-lifting", "gen-lifting-ae", "grid-gt-poses"])
     parser.add_argument("--eval-images", type=int, default=50, help="held-out views evaluated (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed and the datamanager's batch seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-every-s", type=float, default=60.0, help="progress line interval (0 = off)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
@@ -245,7 +248,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lifting.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for scene in args.scenes:
         results[scene] = {}
@@ -270,7 +273,7 @@ def main() -> None:
                   f"{m.get('rot_err_median_deg', float('nan')):8.1f} {m.get('within_15deg', float('nan')):8.2f} "
                   f"{int(m['steps']):7d}")
     payload = {"machine": machine(), "commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               "budget_s": args.budget_s, "scenes": results}
+               "budget_s": args.budget_s, "seed": args.seed, "scenes": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(payload, indent=2))
