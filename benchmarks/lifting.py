@@ -249,6 +249,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    commit = git_commit()  # the code this run executes (taken now, not when the JSON is written)
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for scene in args.scenes:
         results[scene] = {}
@@ -272,7 +273,7 @@ def main() -> None:
             print(f"{scene:6s} {method:26s} {m['psnr']:6.2f} {m['ssim']:6.3f} {m['lpips']:6.3f} "
                   f"{m.get('rot_err_median_deg', float('nan')):8.1f} {m.get('within_15deg', float('nan')):8.2f} "
                   f"{int(m['steps']):7d}")
-    payload = {"machine": machine(), "commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    payload = {"machine": machine(), "commit": commit, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                "budget_s": args.budget_s, "seed": args.seed, "scenes": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
