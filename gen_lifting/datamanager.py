@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple, Type
 
 import torch
+import tyro
 from jaxtyping import Float, Int
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -27,6 +28,11 @@ class GenLiftingDataManagerConfig(VanillaDataManagerConfig):
     """Diffusion-noised whole-image batches for gen-lifting."""
 
     _target: Type = field(default_factory=lambda: GenLiftingDataManager)
+    # Inherited ray-batch flags that this datamanager does not read (it samples whole images): hidden from the
+    # CLI so that no flag silently does nothing.
+    train_num_rays_per_batch: tyro.conf.Suppress[int] = 1024
+    train_num_images_to_sample_from: tyro.conf.Suppress[int] = -1
+    train_num_times_to_repeat_images: tyro.conf.Suppress[int] = -1
     images_per_batch: int = 8
     """Training images per step (each one is noised, posed by the encoder and rendered)."""
     loss_pixels_per_image: int = 256
@@ -73,6 +79,10 @@ class GenLiftingDataManager(VanillaDataManager):
             raise ValueError(f"gen-lifting needs training images of one size, found {sorted(shapes)}; resize them")
         self.train_images: Float[Tensor, "num_images height width 3"] = torch.stack(images).to(self.device)
         self.generator = torch.Generator().manual_seed(self.config.seed)
+
+    def get_train_rays_per_batch(self) -> int:
+        """Rays rendered with gradients per step (the winner's loss pixels); used for nerfstudio's rays/s."""
+        return self.config.images_per_batch * self.config.loss_pixels_per_image
 
     @property
     def intrinsics(self) -> Float[Tensor, "6"]:

@@ -25,6 +25,16 @@ def test_ns_train_lists_gen_lifting_methods(ns_train_help):
         assert name in ns_train_help
 
 
+def test_unused_inherited_flags_are_hidden():
+    exe = BIN / "ns-train"
+    if not exe.exists():
+        pytest.skip("ns-train not installed in this environment")
+    result = subprocess.run([str(exe), "gen-lifting", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--pipeline.datamanager.images-per-batch" in result.stdout
+    assert "train-num-rays-per-batch" not in result.stdout
+
+
 def test_gen_lifting_cli_help_lists_commands():
     result = subprocess.run([str(BIN / "gen-lifting"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
