@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-AlignMode = Literal["similarity", "rotation"]
+AlignMode = Literal["similarity", "rotation", "orientation"]
 
 
 def umeyama(
@@ -48,12 +48,30 @@ def fit_alignment(
     raise ValueError(f"alignment mode must be 'similarity' or 'rotation', got {mode!r}")
 
 
+def fit_orientation_alignment(
+    pred: Float[Tensor, "num_cams 3 4"], gt: Float[Tensor, "num_cams 3 4"]
+) -> Tuple[Float[Tensor, "3 3"], Float[Tensor, "3"], Float[Tensor, ""]]:
+    """(R, t, s) with R from the camera *orientations* (R = argmin sum ||R R_pred_i - R_gt_i||, Procrustes),
+    then s and t by least squares on the centres. For forward-facing rigs, whose nearly coplanar centres make a
+    rotation fitted on centres ill-conditioned."""
+    rotation = roma.special_procrustes((gt[:, :, :3] @ pred[:, :, :3].transpose(1, 2)).sum(dim=0))
+    src = pred[:, :, 3] @ rotation.T
+    src_c, dst_c = src - src.mean(dim=0), gt[:, :, 3] - gt[:, :, 3].mean(dim=0)
+    scale = (src_c * dst_c).sum() / src_c.pow(2).sum().clamp_min(1e-12)
+    translation = gt[:, :, 3].mean(dim=0) - scale * src.mean(dim=0)
+    return rotation, translation, scale
+
+
 def align_cameras(
     pred_c2w: Float[Tensor, "num_cams rows 4"], gt_c2w: Float[Tensor, "num_cams rows 4"], mode: AlignMode = "similarity"
 ) -> Float[Tensor, "num_cams 3 4"]:
-    """Predicted cameras expressed in the ground-truth frame (fitted on camera centres)."""
+    """Predicted cameras expressed in the ground-truth frame (fitted on camera centres, or on orientations
+    with ``mode="orientation"``)."""
     pred, gt = pred_c2w[:, :3, :4], gt_c2w[:, :3, :4]
-    rotation, translation, scale = fit_alignment(pred[:, :, 3], gt[:, :, 3], mode)
+    if mode == "orientation":
+        rotation, translation, scale = fit_orientation_alignment(pred, gt)
+    else:
+        rotation, translation, scale = fit_alignment(pred[:, :, 3], gt[:, :, 3], mode)
     rotations = rotation @ pred[:, :, :3]
     centers = scale * pred[:, :, 3] @ rotation.T + translation
     return torch.cat([rotations, centers[:, :, None]], dim=2)

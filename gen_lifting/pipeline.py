@@ -110,7 +110,8 @@ class GenLiftingPipeline(VanillaPipeline):
 
         pred = torch.cat([self.predict_c2w(chunk) for chunk in self.datamanager.train_images.split(32)])
         gt = self.datamanager.train_dataset.cameras.camera_to_worlds.to(pred)
-        mode = "rotation" if self.model.pose_encoder.config.mode == "candidates" else "similarity"
+        # 360 scenes: rotation about the object; forward-facing: fit on orientations (coplanar centres)
+        mode = "rotation" if self.model.pose_encoder.config.mode == "candidates" else "orientation"
         return {k: float(v) for k, v in pose_errors(pred, gt, mode=mode).items()}
 
     @profiler.time_function

@@ -92,3 +92,21 @@ def test_wrong_inputs_raise():
         align_cameras(gt, gt, mode="affine")
     with pytest.raises(ValueError, match="N>=3"):
         align_cameras(gt[:2], gt[:2])
+
+
+def test_orientation_alignment_recovers_similarity_with_coplanar_centres():
+    import roma
+
+    torch.manual_seed(0)
+    n = 12
+    gt_rot = roma.rotvec_to_rotmat(torch.randn(n, 3, dtype=torch.float64) * 0.1)  # forward-facing-like
+    gt_ctr = torch.cat([torch.randn(n, 2, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)], dim=1)
+    gt = torch.cat([gt_rot, gt_ctr[:, :, None]], dim=2)
+    frame = roma.rotvec_to_rotmat(torch.tensor([0.3, -1.0, 0.5], dtype=torch.float64))
+    scale, shift = 2.5, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    # prediction = ground truth expressed in another frame: x_pred = frame^T (x_gt - shift) / scale
+    pred_rot = frame.T @ gt_rot
+    pred_ctr = (gt_ctr - shift) @ frame / scale
+    pred = torch.cat([pred_rot, pred_ctr[:, :, None]], dim=2)
+    errors = pose_errors(pred, gt, mode="orientation")
+    assert errors["rot_err_median_deg"] < 1e-4 and errors["center_dist_mean"] < 1e-6
