@@ -181,14 +181,15 @@ class GenLiftingModel(Model):
             winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
         best = c2w[torch.arange(bsz, device=c2w.device), routed]
         rgb = self.render_pixels(best, batch["loss_pixels"])
-        return {"rgb": rgb, "scores": scores, "winner": winner, "routed": routed, "cand_err": cand_err, "c2w": c2w}
+        target = gather_pixels(batch["image"], batch["loss_pixels"])
+        return {"rgb": rgb, "target": target, "scores": scores, "winner": winner, "routed": routed,
+                "cand_err": cand_err, "c2w": c2w}
 
     def get_metrics_dict(self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         metrics: Dict[str, Tensor] = {}
         if "winner" not in outputs:
             return metrics
-        target = gather_pixels(batch["image"], batch["loss_pixels"])
-        mse = (outputs["rgb"] - target).pow(2).mean()
+        mse = (outputs["rgb"] - outputs["target"]).pow(2).mean()
         metrics["chosen_loss"] = mse.detach()
         metrics["psnr"] = -10.0 * torch.log10(mse.detach().clamp_min(1e-10))
         k = outputs["scores"].shape[1]
@@ -203,8 +204,7 @@ class GenLiftingModel(Model):
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         if "winner" not in outputs:
             return {}
-        target = gather_pixels(batch["image"], batch["loss_pixels"])
-        loss = {"rgb_loss": F.mse_loss(outputs["rgb"], target)}
+        loss = {"rgb_loss": F.mse_loss(outputs["rgb"], outputs["target"])}
         if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
         if self.config.tv_loss_mult > 0 and hasattr(self.field, "total_variation"):

@@ -67,24 +67,27 @@ class GenLiftingPipeline(VanillaPipeline):
         return outputs, loss, metrics
 
     # ----------------------------------------------------------------------------------- posing
+    def encoder_input(
+        self, images: Float[Tensor, "batch height width 3"]
+    ) -> Tuple[Float[Tensor, "batch 3 height width"], Int[Tensor, "batch"]]:
+        """Images (in [0, 1]) noised to the evaluation level with the seeded evaluation noise."""
+        dm = self.datamanager
+        t = torch.full((images.shape[0],), dm.config.eval_timestep, dtype=torch.long, device=self.device)
+        gen = torch.Generator().manual_seed(self.config.eval_pose_seed)
+        return dm.encoder_input(images.to(self.device), t, gen)
+
     @torch.no_grad()
     def encode(
         self, images: Float[Tensor, "batch height width 3"]
     ) -> Tuple[Float[Tensor, "batch cand 3 4"], Float[Tensor, "batch cand"]]:
-        """All candidate cameras and scores of images (in [0, 1]) noised to the evaluation level (seeded)."""
-        dm = self.datamanager
-        t = torch.full((images.shape[0],), dm.config.eval_timestep, dtype=torch.long, device=self.device)
-        gen = torch.Generator().manual_seed(self.config.eval_pose_seed)
-        x_t, t_used = dm.encoder_input(images.to(self.device), t, gen)
-        return self.model.pose_encoder(x_t, t_used)
+        """All candidate cameras and scores of images at the evaluation noise level."""
+        return self.model.pose_encoder(*self.encoder_input(images))
 
     def predict(
         self, images: Float[Tensor, "batch height width 3"]
     ) -> Tuple[Float[Tensor, "batch 3 4"], Int[Tensor, "batch"]]:
         """The top-scoring camera of each image (the test-time rule) and its candidate index."""
-        c2w, scores = self.encode(images)
-        top = scores.argmax(dim=1)
-        return c2w[torch.arange(c2w.shape[0], device=c2w.device), top], top
+        return self.model.predict_c2w(*self.encoder_input(images))
 
     def predict_c2w(self, images: Float[Tensor, "batch height width 3"]) -> Float[Tensor, "batch 3 4"]:
         return self.predict(images)[0]
