@@ -5,6 +5,7 @@
 
 Methods
   gen-lifting / gen-lifting-ae / gen-lifting-single : this package (poses never seen in training).
+  gen-lifting-gpu          : the paper-scale GPU preset (hash-grid field); give it 128x128 views.
   grid-gt-poses            : the same grid field trained with the true poses (upper bound, same renderer).
   nerfacto-gt-poses        : nerfstudio's nerfacto with the true poses (upper bound, CPU-sized).
   nerfacto-camopt-no-poses : nerfacto + its CameraOptimizer (SO3xR3), every training camera starting at one
@@ -33,7 +34,7 @@ from typing import Any, Dict, List
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single")
+GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu")
 
 
 def machine() -> str:
@@ -42,6 +43,8 @@ def machine() -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (e.g. a remote GPU machine)
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,

@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Tuple, Type, Union
 
+import tyro
+from typing_extensions import Annotated
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -31,7 +34,15 @@ from torch.nn import Parameter
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from gen_lifting.grid_field import GridFieldConfig
+from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
+
+
+FieldConfig = Union[
+    Annotated[GridFieldConfig, tyro.conf.subcommand("grid")],
+    Annotated[HashFieldConfig, tyro.conf.subcommand("hash")],
+]
+"""The pluggable fields: both build a nerfstudio ``Field`` from the scene's aabb."""
 
 
 @dataclass
@@ -41,8 +52,9 @@ class GenLiftingModelConfig(ModelConfig):
     _target: Type = field(default_factory=lambda: GenLiftingModel)
     pose_encoder: PoseEncoderConfig = field(default_factory=PoseEncoderConfig)
     """Encoder that predicts candidate cameras and their scores from the noisy image."""
-    field: GridFieldConfig = field(default_factory=GridFieldConfig)
-    """Radiance field (CPU: dense voxel grid)."""
+    field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
+    """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
+    when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
     num_samples: int = 48
     """Samples per ray (uniform, stratified during training)."""
     background_color: Literal["white", "black"] = "white"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from diffusion_utils.unet_blocks import UNetTrunkConfig
 from gen_lifting.datasets import BUNDLED_DIR
+from gen_lifting.hash_field import HashFieldConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -48,8 +49,12 @@ def tiny_config(data: Path, method: str = "gen_lifting"):
     dm.images_per_batch, dm.loss_pixels_per_image, dm.score_pixels_per_image = 3, 32, 16
     model = config.pipeline.model
     model.num_samples = 16
-    model.field.resolution = 16
-    model.field.coarse_to_fine_steps = 0  # the CPU preset's schedules are step-based; unit tests use none
+    if isinstance(model.field, HashFieldConfig):  # the GPU preset's nerfacto field, shrunk
+        model.field = HashFieldConfig(num_levels=4, max_res=64, log2_hashmap_size=12, hidden_dim=16,
+                                      hidden_dim_color=16, implementation="torch")
+    else:
+        model.field.resolution = 16
+        model.field.coarse_to_fine_steps = 0  # the CPU preset's schedules are step-based; unit tests use none
     model.random_route_prob = 0.0
     model.tv_loss_mult = 0.0
     dm.noise_warmup_steps = 0
@@ -172,7 +177,7 @@ def test_unknown_data_name_is_a_one_line_error():
     assert "\n" not in message and "lego" in message and "fern" in message
 
 
-@pytest.mark.parametrize("method", ["gen_lifting", "gen_lifting_ae", "gen_lifting_single"])
+@pytest.mark.parametrize("method", ["gen_lifting", "gen_lifting_ae", "gen_lifting_single", "gen_lifting_gpu"])
 def test_ns_train_two_iterations(tmp_path, tiny_lego, method):
     from nerfstudio.scripts.train import main
 
@@ -273,3 +278,23 @@ def test_noise_curriculum_caps_t(tiny_lego):
     _, batch = dm.next_train(0)
     assert (batch["t"] == 0).all()
     dm.config.noise_warmup_steps = 0
+
+
+def test_gpu_preset_field_is_nerfstudios_nerfacto_field_without_tcnn(tiny_lego):
+    """The GPU preset's field is nerfstudio's NerfactoField; without tinycudann/CUDA 'auto' picks pure torch, and
+    the winner's render still sends gradients into both the hash grid and the camera."""
+    from nerfstudio.fields.nerfacto_field import NerfactoField
+
+    import method_configs.gen_lifting as specs
+
+    assert isinstance(specs.gen_lifting_gpu.config.pipeline.model.field, HashFieldConfig)
+    if not torch.cuda.is_available():
+        assert HashFieldConfig().resolved_implementation() == "torch"
+    pipe = setup_pipeline(tiny_lego, "gen_lifting_gpu")
+    assert isinstance(pipe.model.field, NerfactoField)
+    _, batch = pipe.datamanager.next_train(0)
+    outputs = pipe.model(batch)
+    outputs["c2w"].retain_grad()
+    sum(pipe.model.get_loss_dict(outputs, batch).values()).backward()
+    assert outputs["c2w"].grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.model.field.mlp_base.parameters())
