@@ -68,6 +68,9 @@ class GenLiftingModelConfig(ModelConfig):
     (linearly decayed to 0 over ``random_route_steps``; the CE target stays the argmin)."""
     random_route_steps: int = 0
     """Steps over which ``random_route_prob`` decays to 0."""
+    score_chunk_rays: int = 8192
+    """Candidate scoring renders at most this many rays at once (bounds memory: K x images x score pixels rays
+    with a hash-grid field can need tens of GB in one pass)."""
     viewer_frustum_every: int = 100
     """Redraw the predicted training cameras in the viewer every N steps (0 = never)."""
 
@@ -179,7 +182,10 @@ class GenLiftingModel(Model):
         if k > 1:
             with torch.no_grad():
                 pix = batch["score_pixels"].repeat_interleave(k, dim=0)
-                rgb = self.render_pixels(c2w.detach().reshape(bsz * k, 3, 4), pix)
+                cams = c2w.detach().reshape(bsz * k, 3, 4)
+                rows = max(1, self.config.score_chunk_rays // pix.shape[1])
+                rgb = torch.cat([self.render_pixels(cams[i:i + rows], pix[i:i + rows])
+                                 for i in range(0, bsz * k, rows)])
                 target = gather_pixels(batch["image"], batch["score_pixels"])
                 cand_err = (rgb.reshape(bsz, k, -1, 3) - target[:, None]).pow(2).mean(dim=(-1, -2))
             winner = cand_err.argmin(dim=1)

@@ -298,3 +298,17 @@ def test_gpu_preset_field_is_nerfstudios_nerfacto_field_without_tcnn(tiny_lego):
     sum(pipe.model.get_loss_dict(outputs, batch).values()).backward()
     assert outputs["c2w"].grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.model.field.mlp_base.parameters())
+
+
+def test_candidate_scoring_in_chunks_matches_one_pass(pipeline):
+    pipe = pipeline
+    _, batch = pipe.datamanager.next_train(0)
+    pipe.eval()  # deterministic sample positions
+    try:
+        whole = pipe.model(batch)["cand_err"]
+        pipe.model.config.score_chunk_rays = 20  # 1 camera (16 score pixels) per chunk
+        chunked = pipe.model(batch)["cand_err"]
+    finally:
+        pipe.model.config.score_chunk_rays = 8192
+        pipe.train()
+    torch.testing.assert_close(chunked, whole)
