@@ -110,6 +110,9 @@ def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
         from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
         from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
+        from gen_lifting.lpips_offline import ensure_lpips_weights
+
+        ensure_lpips_weights()  # nerfacto's own LPIPS, offline (the plugin entry point does this when installed)
         config = copy.deepcopy(method_configs["nerfacto"])
         model = config.pipeline.model
         model.camera_optimizer = CameraOptimizerConfig(mode="SO3xR3" if "camopt" in method else "off")
