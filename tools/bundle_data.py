@@ -49,9 +49,11 @@ def bundle_fern(src: Path, dst: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--lego-size", type=int, default=64)
+    parser.add_argument("--lego-size", type=int, default=64, help="side of the square lego views (64 = bundled)")
+    parser.add_argument("--out", type=Path, default=REPO / "gen_lifting" / "bundled",
+                        help="output folder (default: the package's bundled data; e.g. data/lego128 for the GPU preset)")
     args = parser.parse_args()
-    out = REPO / "gen_lifting" / "bundled"
+    out = args.out
     bundle_lego(args.shared / "nerf_synthetic" / "lego", out / "lego", args.lego_size)
     bundle_fern(args.shared / "nerf_llff" / "fern", out / "fern")
     print(f"wrote {out}")
