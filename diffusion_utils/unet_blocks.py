@@ -47,6 +47,9 @@ class UNetTrunkConfig:
     the network where the image border is, which a mask generator can use as a positional shortcut."""
     downsample_last: bool = False
     """Also downsample after the last level (an encoder-only trunk such as the pose encoder)."""
+    antialias: bool = False
+    """Blur (3x3 binomial) before every 2x downsampling and after every 2x upsampling, so that features carry
+    less of the stride-2 lattice's phase (Zhang, "Making convolutional networks shift-invariant again", 2019)."""
 
     @property
     def level_channels(self) -> List[int]:
@@ -55,6 +58,21 @@ class UNetTrunkConfig:
     @property
     def temb_channels(self) -> int:
         return 4 * self.base_channels
+
+
+class Blur(nn.Module):
+    """Depthwise 3x3 binomial low-pass filter ([1, 2, 1] x [1, 2, 1] / 16), size-preserving.
+
+    Hand-written: five lines; kornia's ``filter2d`` does the same but is not otherwise a dependency."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16.0)[None, None], persistent=False)
+
+    def forward(self, x: Float[Tensor, "batch c h w"]) -> Float[Tensor, "batch c h w"]:
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect" if min(x.shape[-2:]) > 1 else "replicate")
+        return nn.functional.conv2d(padded, self.kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])
 
 
 def set_padding_mode(module: nn.Module, mode: str) -> None:
@@ -127,7 +145,8 @@ class UNetEncoder(nn.Module):
                 self.skip_channels.append(c)
             self.levels.append(blocks)
             if i < len(chans) - 1 or config.downsample_last:
-                self.downs.append(Downsample2D(c, use_conv=True, out_channels=c, padding=1))
+                down = Downsample2D(c, use_conv=True, out_channels=c, padding=1)
+                self.downs.append(nn.Sequential(Blur(), down) if config.antialias else down)
                 self.skip_channels.append(c)
             else:
                 self.downs.append(nn.Identity())
@@ -190,7 +209,11 @@ class UNetDecoder(nn.Module):
                                            i in config.attention_levels))
                 cur = chans[i]
             self.levels.append(blocks)
-            self.ups.append(Upsample2D(cur, use_conv=True) if i > 0 else nn.Identity())
+            if i == 0:
+                self.ups.append(nn.Identity())
+            else:
+                up = Upsample2D(cur, use_conv=True)
+                self.ups.append(nn.Sequential(up, Blur()) if config.antialias else up)
         if remaining:
             raise ValueError(f"skip channels left unconsumed: {remaining}")
         self.num_skips = len(skip_channels)

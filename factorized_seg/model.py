@@ -61,6 +61,9 @@ class FactorizedUNetConfig:
     padding_mode: Literal["zeros", "reflect", "replicate"] = "reflect"
     """Padding of the 3x3 convolutions. Zero padding marks the image border, which the mask generator can use as
     a positional shortcut (a frame mask); reflect hides it."""
+    antialias: bool = False
+    """Blur before every downsampling and after every upsampling (blur-pool): the features carry less of the
+    stride-2 lattice's phase, which full-resolution masks otherwise split (stripes)."""
     num_classes: int = 0
     """Number of class labels for class-conditional training (0 = unconditional)."""
     mask_pool: int = 1
@@ -89,7 +92,7 @@ class FactorizedUNetConfig:
             in_channels=self.image_channels, base_channels=self.base_channels, channel_mults=self.channel_mults,
             num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
             mid_attention=self.mid_attention, norm_groups=self.norm_groups, dropout=self.dropout,
-            padding_mode=self.padding_mode,
+            padding_mode=self.padding_mode, antialias=self.antialias,
         )
 
     @property

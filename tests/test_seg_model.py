@@ -123,3 +123,20 @@ def test_import_does_not_pull_nerfstudio():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('nerfstudio', 'gen_lifting')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_antialias_blurs_around_every_resampling_and_keeps_the_contract():
+    from diffusion_utils.unet_blocks import Blur
+
+    blur = Blur()
+    flat = torch.full((1, 2, 6, 6), 3.0)
+    torch.testing.assert_close(blur(flat), flat)  # a low-pass filter leaves constants alone
+    stripes = torch.zeros(1, 1, 6, 6)
+    stripes[..., ::2, :] = 1.0  # the stride-2 lattice pattern is what it removes
+    assert blur(stripes)[..., 1:-1, :].std() < 0.5 * stripes.std()
+    cfg = FactorizedUNetConfig(num_regions=2, base_channels=8, channel_mults=(1, 2), norm_groups=4, antialias=True)
+    model = cfg.setup()
+    assert sum(isinstance(m, Blur) for m in model.modules()) == 3 * 1  # encoder, mask generator, decoder
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 500]))
+    assert out.eps.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out.masks.sum(1), torch.ones(2, 16, 16))
