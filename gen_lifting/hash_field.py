@@ -14,6 +14,7 @@ from typing import Literal, Type
 import torch
 from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
+from nerfstudio.field_components.encodings import HashEncoding
 from nerfstudio.fields.nerfacto_field import NerfactoField
 from torch import Tensor
 
@@ -27,6 +28,41 @@ def tcnn_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class IndexSelectHashEncoding(HashEncoding):
+    """nerfstudio's pure-torch HashEncoding with the table read by ``index_select`` instead of ``table[idx]``.
+
+    Same values and gradients (tested); the only change is the backward: ``table[idx]`` backpropagates through
+    a sort-based deterministic ``index_put_`` that took 88% of a GPU step of the GPU preset
+    (benchmarks/results/lifting_gpu_profile.txt), ``index_select``'s backward is an ``index_add_``.
+    Used only when tinycudann is absent."""
+
+    def _corner(self, corner: Tensor) -> Tensor:
+        idx = self.hash_fn(corner)  # [..., levels]
+        return self.hash_table.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+
+    def pytorch_fwd(self, in_tensor: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
+        scaled = in_tensor[..., None, :] * self.scalings.view(-1, 1).to(in_tensor.device)  # [..., L, 3]
+        c = torch.ceil(scaled).type(torch.int32)
+        f = torch.floor(scaled).type(torch.int32)
+        o = scaled - f
+        x, y, z = (slice(0, 1), slice(1, 2), slice(2, 3))
+
+        def corner(cx: Tensor, cy: Tensor, cz: Tensor) -> Tensor:
+            return self._corner(torch.cat([cx[..., x], cy[..., y], cz[..., z]], dim=-1))
+
+        # the corner order and blend of nerfstudio's pytorch_fwd (f_0 .. f_7), so results match it
+        f0, f1, f2, f3 = corner(c, c, c), corner(c, f, c), corner(f, f, c), corner(f, c, c)
+        f4, f5, f6, f7 = corner(c, c, f), corner(c, f, f), corner(f, f, f), corner(f, c, f)
+        f03 = f0 * o[..., x] + f3 * (1 - o[..., x])
+        f12 = f1 * o[..., x] + f2 * (1 - o[..., x])
+        f56 = f5 * o[..., x] + f6 * (1 - o[..., x])
+        f47 = f4 * o[..., x] + f7 * (1 - o[..., x])
+        f0312 = f03 * o[..., y] + f12 * (1 - o[..., y])
+        f4756 = f47 * o[..., y] + f56 * (1 - o[..., y])
+        out = f0312 * o[..., z] + f4756 * (1 - o[..., z])
+        return torch.flatten(out, start_dim=-2, end_dim=-1)
 
 
 @dataclass
@@ -59,10 +95,18 @@ class HashFieldConfig(InstantiateConfig):
                              "(see README) or pass --pipeline.model.field.implementation torch")
         return self.implementation
 
+    fast_torch_lookup: bool = True
+    """Without tinycudann: read the hash table with ``index_select`` (same values, cheaper backward)."""
+
     def setup(self, *, aabb: Float[Tensor, "2 3"], **kwargs) -> NerfactoField:
-        return NerfactoField(
+        field = NerfactoField(
             aabb=aabb, num_images=1, num_levels=self.num_levels, base_res=self.base_res, max_res=self.max_res,
             log2_hashmap_size=self.log2_hashmap_size, hidden_dim=self.hidden_dim,
             hidden_dim_color=self.hidden_dim_color, appearance_embedding_dim=0,
             average_init_density=self.average_init_density, implementation=self.resolved_implementation(),
         )
+        if self.fast_torch_lookup:
+            for module in field.modules():
+                if type(module) is HashEncoding and module.tcnn_encoding is None:
+                    module.__class__ = IndexSelectHashEncoding  # same state; only pytorch_fwd differs
+        return field

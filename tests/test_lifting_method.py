@@ -312,3 +312,22 @@ def test_candidate_scoring_in_chunks_matches_one_pass(pipeline):
         pipe.model.config.score_chunk_rays = 8192
         pipe.train()
     torch.testing.assert_close(chunked, whole)
+
+
+def test_index_select_hash_lookup_matches_nerfstudio_values_and_gradients():
+    from nerfstudio.field_components.encodings import HashEncoding
+
+    from gen_lifting.hash_field import IndexSelectHashEncoding
+
+    torch.manual_seed(0)
+    ref = HashEncoding(num_levels=4, min_res=4, max_res=64, log2_hashmap_size=8, implementation="torch")
+    fast = copy.deepcopy(ref)
+    fast.__class__ = IndexSelectHashEncoding
+    x = torch.rand(500, 3)
+    out_ref, out_fast = ref(x), fast(x)
+    torch.testing.assert_close(out_fast, out_ref)
+    out_ref.pow(2).sum().backward()
+    out_fast.pow(2).sum().backward()
+    torch.testing.assert_close(fast.hash_table.grad, ref.hash_table.grad)
+    assert HashFieldConfig(num_levels=2, log2_hashmap_size=8, implementation="torch").setup(
+        aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])).mlp_base.model[0].__class__ is IndexSelectHashEncoding
