@@ -10,8 +10,6 @@ JSON with machine, command and commit. On a GPU machine it times CUDA too.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lifting import git_commit, machine  # noqa: E402  (same machine/commit strings as the lifting benchmark)
+from lifting import git_commit, write_result  # noqa: E402  (same result format as the lifting benchmark)
 
 
 def time_variant(enc, x: torch.Tensor) -> float:
@@ -68,13 +66,7 @@ def main() -> None:
     for device, r in rows.items():
         m = r["median_s"]
         print(f"{device:6s} {m['table[idx] (nerfstudio)']:13.3f} {m['index_select']:15.3f} {r['speedup']:8.2f}x")
-    payload = {"machine": machine(), "commit": commit, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               "points": args.points, "repeats": args.repeats, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_result(args.out, commit, points=args.points, repeats=args.repeats, results=rows)
 
 
 if __name__ == "__main__":

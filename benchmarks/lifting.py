@@ -54,6 +54,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_result(out: Path, commit: str, **fields: Any) -> None:
+    """Result JSON: machine, ``commit`` (read when the run started), the command line, then ``fields``; written
+    atomically (a temp file, then ``os.replace``)."""
+    payload = {"machine": machine(), "commit": commit,
+               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **fields}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
 def set_path(obj: Any, dotted: str, value: Any) -> None:
     """``--set pipeline.model.field.resolution=32`` style overrides (JSON values)."""
     *parents, last = dotted.split(".")
@@ -279,13 +291,7 @@ def main() -> None:
             print(f"{scene:6s} {method:26s} {m['psnr']:6.2f} {m['ssim']:6.3f} {m['lpips']:6.3f} "
                   f"{m.get('rot_err_median_deg', float('nan')):8.1f} {m.get('within_15deg', float('nan')):8.2f} "
                   f"{int(m['steps']):7d}")
-    payload = {"machine": machine(), "commit": commit, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-               "budget_s": args.budget_s, "seed": args.seed, "scenes": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp_out, args.out)
-    print(f"wrote {args.out}")
+    write_result(args.out, commit, budget_s=args.budget_s, seed=args.seed, scenes=results)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from factorized_seg.evaluate import EvalConfig, evaluate  # noqa: E402
 from factorized_seg.inference import per_image_noise, sample_images  # noqa: E402
 from factorized_seg.presets import PRESETS  # noqa: E402
 from factorized_seg.segment import SegmentConfig, run_segment  # noqa: E402
-from factorized_seg.trainer import load_for_inference, train  # noqa: E402
+from factorized_seg.trainer import atomic_write_text, load_for_inference, train  # noqa: E402
 from factorized_seg.viz import atomic_save_image, colour_masks, to_uint8  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "seg"
@@ -336,8 +336,7 @@ def main() -> None:
            "protocol": "strict: one assignment chosen on a random 10% of the masked images (seed 0), scored on the "
                        "other 90%; iem: per image best assignment, all masked images",
            "datasets": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    atomic_write_text(Path(args.out), json.dumps(out, indent=2))
     print(f"wrote {args.out}")
     if args.figure and "flowers17" in results:
         make_figure(args, results, Path(args.figure))

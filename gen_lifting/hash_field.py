@@ -86,6 +86,8 @@ class HashFieldConfig(InstantiateConfig):
     """Scale of the initial density (nerfacto's default for the final field)."""
     implementation: Literal["auto", "tcnn", "torch"] = "auto"
     """'auto': tinycudann when installed and CUDA is present, else nerfstudio's pure-torch hash grid."""
+    fast_torch_lookup: bool = True
+    """Without tinycudann: read the hash table with ``index_select`` (same values, cheaper backward)."""
 
     def resolved_implementation(self) -> Literal["tcnn", "torch"]:
         if self.implementation == "auto":
@@ -94,9 +96,6 @@ class HashFieldConfig(InstantiateConfig):
             raise SystemExit("implementation='tcnn' needs tinycudann and a CUDA GPU: install tinycudann "
                              "(see README) or pass --pipeline.model.field.implementation torch")
         return self.implementation
-
-    fast_torch_lookup: bool = True
-    """Without tinycudann: read the hash table with ``index_select`` (same values, cheaper backward)."""
 
     def setup(self, *, aabb: Float[Tensor, "2 3"], **kwargs) -> NerfactoField:
         field = NerfactoField(

@@ -15,11 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Tuple, Type, Union
 
-import tyro
-from typing_extensions import Annotated
-
 import torch
 import torch.nn.functional as F
+import tyro
 from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.cameras.rays import RayBundle
@@ -32,6 +30,7 @@ from nerfstudio.utils import colormaps
 from torch import Tensor
 from torch.nn import Parameter
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from typing_extensions import Annotated
 
 from gen_lifting.grid_field import GridFieldConfig
 from gen_lifting.hash_field import HashFieldConfig
