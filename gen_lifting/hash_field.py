@@ -65,6 +65,24 @@ class IndexSelectHashEncoding(HashEncoding):
         return torch.flatten(out, start_dim=-2, end_dim=-1)
 
 
+def resolve_implementation(implementation: Literal["auto", "tcnn", "torch"]) -> Literal["tcnn", "torch"]:
+    """'auto' -> tinycudann when usable, else pure torch; an explicit 'tcnn' without it is a one-line error."""
+    if implementation == "auto":
+        return "tcnn" if tcnn_available() else "torch"
+    if implementation == "tcnn" and not tcnn_available():
+        raise SystemExit("implementation='tcnn' needs tinycudann and a CUDA GPU: install tinycudann "
+                         "(see README) or pass --pipeline.model.field.implementation torch")
+    return implementation
+
+
+def use_index_select_lookup(module: torch.nn.Module) -> None:
+    """Switch every pure-torch HashEncoding inside ``module`` to the ``index_select`` lookup (same state and
+    values; only ``pytorch_fwd`` differs). tinycudann encodings are left alone."""
+    for sub in module.modules():
+        if type(sub) is HashEncoding and sub.tcnn_encoding is None:
+            sub.__class__ = IndexSelectHashEncoding
+
+
 @dataclass
 class HashFieldConfig(InstantiateConfig):
     """nerfstudio's NerfactoField (hash grid + MLP); the field of the GPU preset."""
@@ -90,12 +108,7 @@ class HashFieldConfig(InstantiateConfig):
     """Without tinycudann: read the hash table with ``index_select`` (same values, cheaper backward)."""
 
     def resolved_implementation(self) -> Literal["tcnn", "torch"]:
-        if self.implementation == "auto":
-            return "tcnn" if tcnn_available() else "torch"
-        if self.implementation == "tcnn" and not tcnn_available():
-            raise SystemExit("implementation='tcnn' needs tinycudann and a CUDA GPU: install tinycudann "
-                             "(see README) or pass --pipeline.model.field.implementation torch")
-        return self.implementation
+        return resolve_implementation(self.implementation)
 
     def setup(self, *, aabb: Float[Tensor, "2 3"], **kwargs) -> NerfactoField:
         field = NerfactoField(
@@ -105,7 +118,5 @@ class HashFieldConfig(InstantiateConfig):
             average_init_density=self.average_init_density, implementation=self.resolved_implementation(),
         )
         if self.fast_torch_lookup:
-            for module in field.modules():
-                if type(module) is HashEncoding and module.tcnn_encoding is None:
-                    module.__class__ = IndexSelectHashEncoding  # same state; only pytorch_fwd differs
+            use_index_select_lookup(field)
         return field

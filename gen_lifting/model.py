@@ -11,6 +11,7 @@ Anything else (viewer, ns-render, ns-eval) goes through nerfstudio's usual ``get
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Tuple, Type, Union
@@ -35,6 +36,7 @@ from typing_extensions import Annotated
 from gen_lifting.grid_field import GridFieldConfig
 from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
+from gen_lifting.proposal import ProposalSamplingConfig
 
 
 FieldConfig = Union[
@@ -51,11 +53,17 @@ class GenLiftingModelConfig(ModelConfig):
     _target: Type = field(default_factory=lambda: GenLiftingModel)
     pose_encoder: PoseEncoderConfig = field(default_factory=PoseEncoderConfig)
     """Encoder that predicts candidate cameras and their scores from the noisy image."""
+    sampler: Literal["uniform", "proposal"] = "uniform"
+    """'uniform': ``num_samples`` stratified samples per ray (CPU presets). 'proposal': nerfstudio's proposal-network
+    importance sampling, as in nerfacto (``--pipeline.model.proposal.*``; pure torch or tinycudann)."""
+    num_samples: int = 48
+    """Samples per ray of the uniform sampler (stratified during training)."""
+    # (before ``field``: that attribute shadows dataclasses.field in the class body)
+    proposal: ProposalSamplingConfig = field(default_factory=ProposalSamplingConfig)
+    """Proposal sampling, used when ``sampler='proposal'``."""
     field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
     """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
     when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
-    num_samples: int = 48
-    """Samples per ray (uniform, stratified during training)."""
     background_color: Literal["white", "black"] = "white"
     """Colour behind the scene (blender scenes are composited on white)."""
     ce_loss_mult: float = 0.1
@@ -90,6 +98,9 @@ class GenLiftingModel(Model):
         self.pose_encoder = self.config.pose_encoder.setup()
         self.field = self.config.field.setup(aabb=self.scene_box.aabb)
         self.sampler = UniformSampler(num_samples=self.config.num_samples)
+        self.proposal = None
+        if self.config.sampler == "proposal":
+            self.proposal = self.config.proposal.setup(aabb=self.scene_box.aabb)
         self.renderer_rgb = RGBRenderer(background_color=self.config.background_color)
         self.renderer_accumulation = AccumulationRenderer()
         self.renderer_depth = DepthRenderer()
@@ -112,6 +123,8 @@ class GenLiftingModel(Model):
                 self.field.set_step(step)
 
         callbacks = [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], set_step)]
+        if self.proposal is not None:
+            callbacks += self.proposal.training_callbacks()
         trainer, pipeline = training_callback_attributes.trainer, training_callback_attributes.pipeline
         if self.config.viewer_frustum_every > 0 and trainer is not None and pipeline is not None:
             from gen_lifting.viewer_frustums import update_viewer_frustums
@@ -132,20 +145,29 @@ class GenLiftingModel(Model):
 
     # ----------------------------------------------------------------------------------- parameters
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
-        groups = {"fields": list(self.field.parameters())}
+        # the proposal fields share the radiance field's optimizer (nerfacto gives both the same Adam settings)
+        proposal = list(self.proposal.parameters()) if self.proposal is not None else []
+        groups = {"fields": list(self.field.parameters()) + proposal}
         self.pose_encoder.get_param_groups(groups)
         return groups
 
     # ----------------------------------------------------------------------------------- rendering
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
-        samples = self.sampler(ray_bundle)
+        if self.proposal is not None:
+            samples, weights_list, samples_list = self.proposal(ray_bundle)
+        else:
+            samples = self.sampler(ray_bundle)
         field_out = self.field(samples)
         weights = samples.get_weights(field_out[FieldHeadNames.DENSITY])
-        return {
+        outputs = {
             "rgb": self.renderer_rgb(rgb=field_out[FieldHeadNames.RGB], weights=weights),
             "accumulation": self.renderer_accumulation(weights=weights),
             "depth": self.renderer_depth(weights=weights, ray_samples=samples),
         }
+        if self.proposal is not None and self.training and torch.is_grad_enabled():
+            outputs["weights_list"] = weights_list + [weights]
+            outputs["ray_samples_list"] = samples_list + [samples]
+        return outputs
 
     def cameras_from_c2w(self, c2w: Float[Tensor, "num 3 4"]) -> Cameras:
         """nerfstudio Cameras with the learned poses and the training intrinsics."""
@@ -157,16 +179,20 @@ class GenLiftingModel(Model):
         return Cameras(camera_to_worlds=c2w, fx=fx * ones, fy=fy * ones, cx=cx * ones, cy=cy * ones,
                        width=int(w), height=int(h), camera_type=CameraType.PERSPECTIVE)
 
-    def render_pixels(
-        self, c2w: Float[Tensor, "num 3 4"], pixels: Int[Tensor, "num count 2"]
-    ) -> Float[Tensor, "num count 3"]:
-        """Render the given pixels (row, col) of each camera; differentiable w.r.t. c2w and the field."""
+    def render_pixel_outputs(self, c2w: Float[Tensor, "num 3 4"], pixels: Int[Tensor, "num count 2"]) -> Dict:
+        """``get_outputs`` for the given pixels (row, col) of each camera, rays flattened camera-major."""
         n, count = pixels.shape[:2]
         cams = self.cameras_from_c2w(c2w)
         idx = torch.arange(n, device=c2w.device).repeat_interleave(count)[:, None]
         coords = pixels.reshape(-1, 2).float() + 0.5  # nerfstudio samples pixel centres
         rays = cams.generate_rays(camera_indices=idx, coords=coords)
-        return super().forward(rays)["rgb"].reshape(n, count, 3)
+        return super().forward(rays)
+
+    def render_pixels(
+        self, c2w: Float[Tensor, "num 3 4"], pixels: Int[Tensor, "num count 2"]
+    ) -> Float[Tensor, "num count 3"]:
+        """Render the given pixels (row, col) of each camera; differentiable w.r.t. c2w and the field."""
+        return self.render_pixel_outputs(c2w, pixels)["rgb"].reshape(*pixels.shape[:2], 3)
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, ray_bundle: Union[RayBundle, Cameras, Dict[str, Tensor]]) -> Dict[str, Tensor]:
@@ -179,7 +205,7 @@ class GenLiftingModel(Model):
         c2w, scores = self.pose_encoder(batch["x_t"], batch["t"])
         bsz, k = scores.shape
         if k > 1:
-            with torch.no_grad():
+            with torch.no_grad(), self.scoring_pass():
                 pix = batch["score_pixels"].repeat_interleave(k, dim=0)
                 cams = c2w.detach().reshape(bsz * k, 3, 4)
                 rows = max(1, self.config.score_chunk_rays // pix.shape[1])
@@ -197,10 +223,18 @@ class GenLiftingModel(Model):
             cand_err = torch.zeros(bsz, 1, device=c2w.device)
             winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
         best = c2w[torch.arange(bsz, device=c2w.device), routed]
-        rgb = self.render_pixels(best, batch["loss_pixels"])
+        render = self.render_pixel_outputs(best, batch["loss_pixels"])
         target = gather_pixels(batch["image"], batch["loss_pixels"])
-        return {"rgb": rgb, "target": target, "scores": scores, "winner": winner, "routed": routed,
-                "cand_err": cand_err, "c2w": c2w}
+        outputs = {"rgb": render["rgb"].reshape(target.shape), "target": target, "scores": scores, "winner": winner,
+                   "routed": routed, "cand_err": cand_err, "c2w": c2w}
+        for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the winner's render
+            if key in render:
+                outputs[key] = render[key]
+        return outputs
+
+    def scoring_pass(self):
+        """Context for the no-gradient candidate renders: they must not use up the proposal sampler's update."""
+        return self.proposal.schedule_untouched() if self.proposal is not None else contextlib.nullcontext()
 
     def get_metrics_dict(self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         metrics: Dict[str, Tensor] = {}
@@ -224,6 +258,8 @@ class GenLiftingModel(Model):
         loss = {"rgb_loss": F.mse_loss(outputs["rgb"], outputs["target"])}
         if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
+        if self.proposal is not None and "weights_list" in outputs:
+            loss["interlevel_loss"] = self.proposal.loss(outputs["weights_list"], outputs["ray_samples_list"])
         if self.config.tv_loss_mult > 0 and hasattr(self.field, "total_variation"):
             loss["tv_loss"] = self.config.tv_loss_mult * self.field.total_variation()
         return loss

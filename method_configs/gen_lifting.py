@@ -108,8 +108,9 @@ gen_lifting_gpu = MethodSpecification(
             dataparser=BlenderDataParserConfig(), images_per_batch=16, loss_pixels_per_image=1024,
             score_pixels_per_image=256,
         ),
-        # the paper's loss only; nerfstudio's NerfactoField (tinycudann when installed)
-        model=GenLiftingModelConfig(field=HashFieldConfig(), num_samples=128),
+        # the paper's loss only; nerfstudio's NerfactoField and nerfacto's proposal sampling (tinycudann when
+        # installed), 48 radiance-field samples per ray after 128 + 64 proposal samples
+        model=GenLiftingModelConfig(field=HashFieldConfig(), sampler="proposal"),
     ),
     description="Paper-scale gen-lifting for a GPU (128x128 views, paper trunk C=64, hash-grid field, 200k iterations).",
 )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusion_utils.unet_blocks import UNetTrunkConfig
 from gen_lifting.datasets import BUNDLED_DIR
 from gen_lifting.hash_field import HashFieldConfig
+from gen_lifting.proposal import ProposalSamplingConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -52,6 +53,10 @@ def tiny_config(data: Path, method: str = "gen_lifting"):
     if isinstance(model.field, HashFieldConfig):  # the GPU preset's nerfacto field, shrunk
         model.field = HashFieldConfig(num_levels=4, max_res=64, log2_hashmap_size=12, hidden_dim=16,
                                       hidden_dim_color=16, implementation="torch")
+    if model.sampler == "proposal":  # and its proposal sampling
+        model.proposal = ProposalSamplingConfig(
+            num_proposal_samples_per_ray=(16, 8), num_nerf_samples_per_ray=8, implementation="torch",
+            proposal_net_args_list=[{"hidden_dim": 8, "log2_hashmap_size": 10, "num_levels": 3, "max_res": 32}])
     else:
         model.field.resolution = 16
         model.field.coarse_to_fine_steps = 0  # the CPU preset's schedules are step-based; unit tests use none
@@ -298,6 +303,38 @@ def test_gpu_preset_field_is_nerfstudios_nerfacto_field_without_tcnn(tiny_lego):
     sum(pipe.model.get_loss_dict(outputs, batch).values()).backward()
     assert outputs["c2w"].grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.model.field.mlp_base.parameters())
+
+
+def test_gpu_preset_proposal_sampling_trains_its_density_fields(tiny_lego):
+    """The GPU preset samples with nerfstudio's proposal networks: the winner's render carries the interlevel loss,
+    and a step that is due to update the proposal fields gives them gradients even though the candidate scoring
+    (no gradients) renders through the same sampler first."""
+    import method_configs.gen_lifting as specs
+
+    assert specs.gen_lifting_gpu.config.pipeline.model.sampler == "proposal"
+    pipe = setup_pipeline(tiny_lego, "gen_lifting_gpu")
+    model = pipe.model
+    assert all(any(p is q for q in model.get_param_groups()["fields"]) for p in model.proposal.parameters())
+    for net in model.proposal.networks:  # proposal densities far below the field's: the interlevel loss is active
+        net.average_init_density = 1e-4
+    sampler = model.proposal.sampler
+    sampler._step, sampler._steps_since_update = 100, 100  # past the warm-up steps, an update is due
+    _, batch = pipe.datamanager.next_train(0)
+    outputs = model(batch)
+    losses = model.get_loss_dict(outputs, batch)
+    assert losses["interlevel_loss"] > 1e-3
+    sum(losses.values()).backward()
+    for net in model.proposal.networks:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert sampler._steps_since_update == 0  # the winner's render used the update, the scoring did not
+    model.zero_grad()
+    # a step that is not due: the proposal fields are queried without gradients and the counter keeps running
+    sampler._steps_since_update = 1
+    outputs = model(batch)
+    sum(model.get_loss_dict(outputs, batch).values()).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.proposal.parameters())
+    assert sampler._steps_since_update == 1
+    model.zero_grad()
 
 
 def test_candidate_scoring_in_chunks_matches_one_pass(pipeline):
