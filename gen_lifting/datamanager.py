@@ -15,6 +15,7 @@ import torch
 import tyro
 from jaxtyping import Float, Int
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.pixel_samplers import PixelSamplerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 
@@ -28,11 +29,16 @@ class GenLiftingDataManagerConfig(VanillaDataManagerConfig):
     """Diffusion-noised whole-image batches for gen-lifting."""
 
     _target: Type = field(default_factory=lambda: GenLiftingDataManager)
-    # Inherited ray-batch flags that this datamanager does not read (it samples whole images): hidden from the
-    # CLI so that no flag silently does nothing.
+    # Inherited ray-batch flags that this datamanager does not read (it samples whole images, for training and for
+    # the eval loss): hidden from the CLI so that no flag silently does nothing.
     train_num_rays_per_batch: tyro.conf.Suppress[int] = 1024
     train_num_images_to_sample_from: tyro.conf.Suppress[int] = -1
     train_num_times_to_repeat_images: tyro.conf.Suppress[int] = -1
+    eval_num_rays_per_batch: tyro.conf.Suppress[int] = 1024
+    eval_num_images_to_sample_from: tyro.conf.Suppress[int] = -1
+    eval_num_times_to_repeat_images: tyro.conf.Suppress[int] = -1
+    patch_size: tyro.conf.Suppress[int] = 1
+    pixel_sampler: tyro.conf.Suppress[PixelSamplerConfig] = field(default_factory=PixelSamplerConfig)
     images_per_batch: int = 8
     """Training images per step (each one is noised, posed by the encoder and rendered)."""
     loss_pixels_per_image: int = 256
