@@ -1,7 +1,7 @@
 """Cost of one gen-lifting-gpu training step: uniform sampling (128 per ray) vs proposal sampling (128 + 64 on the
 proposal fields, 48 on the radiance field).
 
-    python benchmarks/sampling_cost.py --repeats 5
+    python benchmarks/sampling_cost.py --threads 1 --repeats 10
 
 Both variants are the gen-lifting-gpu model (hash-grid field, paper encoder, K = 12 candidates) on the same
 batches of the bundled 64x64 lego, timed alternately in one run: forward (candidate scoring + the winner's render)

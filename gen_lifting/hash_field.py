@@ -65,13 +65,14 @@ class IndexSelectHashEncoding(HashEncoding):
         return torch.flatten(out, start_dim=-2, end_dim=-1)
 
 
-def resolve_implementation(implementation: Literal["auto", "tcnn", "torch"]) -> Literal["tcnn", "torch"]:
-    """'auto' -> tinycudann when usable, else pure torch; an explicit 'tcnn' without it is a one-line error."""
+def resolve_implementation(implementation: Literal["auto", "tcnn", "torch"], flag: str) -> Literal["tcnn", "torch"]:
+    """'auto' -> tinycudann when usable, else pure torch; an explicit 'tcnn' without it is a one-line error that
+    names ``flag``, the option that asked for it."""
     if implementation == "auto":
         return "tcnn" if tcnn_available() else "torch"
     if implementation == "tcnn" and not tcnn_available():
-        raise SystemExit("implementation='tcnn' needs tinycudann and a CUDA GPU: install tinycudann "
-                         "(see README) or pass --pipeline.model.field.implementation torch")
+        raise SystemExit(f"implementation='tcnn' needs tinycudann and a CUDA GPU: install tinycudann "
+                         f"(see README) or pass {flag} torch")
     return implementation
 
 
@@ -108,7 +109,7 @@ class HashFieldConfig(InstantiateConfig):
     """Without tinycudann: read the hash table with ``index_select`` (same values, cheaper backward)."""
 
     def resolved_implementation(self) -> Literal["tcnn", "torch"]:
-        return resolve_implementation(self.implementation)
+        return resolve_implementation(self.implementation, "--pipeline.model.field.implementation")
 
     def setup(self, *, aabb: Float[Tensor, "2 3"], **kwargs) -> NerfactoField:
         field = NerfactoField(

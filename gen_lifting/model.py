@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Tuple, Type, Union
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from typing_extensions import Annotated
 from gen_lifting.grid_field import GridFieldConfig
 from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
-from gen_lifting.proposal import ProposalSamplingConfig
+from gen_lifting.proposal import ProposalSampling, ProposalSamplingConfig
 
 
 FieldConfig = Union[
@@ -97,10 +97,12 @@ class GenLiftingModel(Model):
         super().populate_modules()
         self.pose_encoder = self.config.pose_encoder.setup()
         self.field = self.config.field.setup(aabb=self.scene_box.aabb)
-        self.sampler = UniformSampler(num_samples=self.config.num_samples)
-        self.proposal = None
+        self.sampler: Optional[UniformSampler] = None  # exactly one of the two is built
+        self.proposal: Optional[ProposalSampling] = None
         if self.config.sampler == "proposal":
             self.proposal = self.config.proposal.setup(aabb=self.scene_box.aabb)
+        else:
+            self.sampler = UniformSampler(num_samples=self.config.num_samples)
         self.renderer_rgb = RGBRenderer(background_color=self.config.background_color)
         self.renderer_accumulation = AccumulationRenderer()
         self.renderer_depth = DepthRenderer()
@@ -156,6 +158,7 @@ class GenLiftingModel(Model):
         if self.proposal is not None:
             samples, weights_list, samples_list = self.proposal(ray_bundle)
         else:
+            assert self.sampler is not None
             samples = self.sampler(ray_bundle)
         field_out = self.field(samples)
         weights = samples.get_weights(field_out[FieldHeadNames.DENSITY])

@@ -66,7 +66,7 @@ class ProposalSampling(nn.Module):
     def __init__(self, config: ProposalSamplingConfig, aabb: Float[Tensor, "2 3"]) -> None:
         super().__init__()
         self.config = config
-        impl = resolve_implementation(config.implementation)
+        impl = resolve_implementation(config.implementation, "--pipeline.model.proposal.implementation")
         n_levels = len(config.num_proposal_samples_per_ray)
         if n_levels < 1:
             raise ValueError("num_proposal_samples_per_ray needs at least one level")

@@ -53,13 +53,13 @@ def tiny_config(data: Path, method: str = "gen_lifting"):
     if isinstance(model.field, HashFieldConfig):  # the GPU preset's nerfacto field, shrunk
         model.field = HashFieldConfig(num_levels=4, max_res=64, log2_hashmap_size=12, hidden_dim=16,
                                       hidden_dim_color=16, implementation="torch")
-    if model.sampler == "proposal":  # and its proposal sampling
-        model.proposal = ProposalSamplingConfig(
-            num_proposal_samples_per_ray=(16, 8), num_nerf_samples_per_ray=8, implementation="torch",
-            proposal_net_args_list=[{"hidden_dim": 8, "log2_hashmap_size": 10, "num_levels": 3, "max_res": 32}])
     else:
         model.field.resolution = 16
         model.field.coarse_to_fine_steps = 0  # the CPU preset's schedules are step-based; unit tests use none
+    if model.sampler == "proposal":  # the GPU preset's proposal sampling, shrunk
+        model.proposal = ProposalSamplingConfig(
+            num_proposal_samples_per_ray=(16, 8), num_nerf_samples_per_ray=8, implementation="torch",
+            proposal_net_args_list=[{"hidden_dim": 8, "log2_hashmap_size": 10, "num_levels": 3, "max_res": 32}])
     model.random_route_prob = 0.0
     model.tv_loss_mult = 0.0
     dm.noise_warmup_steps = 0
