@@ -70,6 +70,13 @@ class FactorizedUNetConfig:
     """Mask logits are average-pooled by this factor and upsampled bilinearly before the softmax (1 = full
     resolution, as in the paper). Small models on CPU budgets otherwise split the pixel lattice (masks of
     alternating columns, a positional shortcut); smooth masks cannot."""
+    mask_mode: Literal["soft", "hard"] = "soft"
+    """How the decoder passes use the masks. soft: the softmax probabilities (paper). hard (ours): a one-hot
+    argmax in the forward pass with the softmax's gradient in the backward pass (straight-through), so a
+    region's decoder pass really cannot see the other regions. Segmentation always reads the softmax."""
+    mask_resize: Literal["area", "nearest"] = "area"
+    """How masks are resized to the coarser skips. area (paper-like): block averages, which turn a period-2 split
+    into 1/K one level down. nearest (ours): one pixel per block, so a split must hold at every scale."""
 
     def validate(self) -> None:
         """Raise ValueError on an impossible architecture (called by ``setup``; tyro would wrap an error raised
@@ -82,6 +89,10 @@ class FactorizedUNetConfig:
             raise ValueError(f"num_subregions must be >= 1, got {self.num_subregions}")
         if self.mask_pool < 1:
             raise ValueError(f"mask_pool must be >= 1, got {self.mask_pool}")
+        if self.mask_mode not in ("soft", "hard"):
+            raise ValueError(f"mask_mode must be soft or hard, got {self.mask_mode!r}")
+        if self.mask_resize not in ("area", "nearest"):
+            raise ValueError(f"mask_resize must be area or nearest, got {self.mask_resize!r}")
         bad = [c for c in self.channel_mults if (c * self.base_channels) % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every level width (base_channels * mult)")
@@ -121,24 +132,37 @@ class DenoiserOutput:
     masks: Optional[Float[Tensor, "batch k height width"]]
 
 
-def resize_masks(masks: Float[Tensor, "batch k height width"], size: Sequence[int]) -> Tensor:
-    """Masks at a skip's resolution. Area averaging keeps sum_k m_k = 1 at every pixel."""
+def resize_masks(
+    masks: Float[Tensor, "batch k height width"], size: Sequence[int], mode: str = "area"
+) -> Float[Tensor, "batch k h w"]:
+    """Masks at a skip's resolution (``area`` or ``nearest``); both keep sum_k m_k = 1 at every pixel."""
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
-    return F.interpolate(masks, size=tuple(size), mode="area")
+    return F.interpolate(masks, size=tuple(size), mode=mode)
 
 
 def mask_skips(
-    skips: Sequence[Float[Tensor, "batch c h w"]], masks: Float[Tensor, "batch k height width"]
+    skips: Sequence[Float[Tensor, "batch c h w"]], masks: Float[Tensor, "batch k height width"], mode: str = "area"
 ) -> Tuple[Tensor, ...]:
-    """Every skip multiplied by every resized mask, flattened to (batch * k) rows in (batch, k) order."""
+    """Every skip multiplied by every resized mask, flattened to (batch * k) rows in (batch, k) order.
+
+    One resize per distinct skip resolution (several skips share one), not one per skip."""
     k = masks.shape[1]
+    resized: dict = {}
     out = []
     for s in skips:
-        m = resize_masks(masks, s.shape[-2:])
-        out.append((s.unsqueeze(1) * m.unsqueeze(2)).flatten(0, 1))
+        size = tuple(s.shape[-2:])
+        if size not in resized:
+            resized[size] = resize_masks(masks, size, mode).unsqueeze(2)
+        out.append((s.unsqueeze(1) * resized[size]).flatten(0, 1))
     assert all(o.shape[0] == skips[0].shape[0] * k for o in out)
     return tuple(out)
+
+
+def straight_through_one_hot(probs: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
+    """One-hot argmax in the forward pass, the gradient of ``probs`` in the backward pass."""
+    hard = F.one_hot(probs.argmax(dim=1), probs.shape[1]).permute(0, 3, 1, 2).to(probs)
+    return hard + probs - probs.detach()
 
 
 class FactorizedUNet(nn.Module):
@@ -213,14 +237,22 @@ class FactorizedUNet(nn.Module):
         if scheme == "plain":
             return DenoiserOutput(self.decoder(h_mid, skips, temb), None)
         masks = self.masks(h_mid, skips, temb)
+        used = self.used_masks(masks)
         if scheme == "concat":
-            cat = tuple(fuse(torch.cat([s, resize_masks(masks, s.shape[-2:])], dim=1))
+            cat = tuple(fuse(torch.cat([s, self._resize(used, s.shape[-2:])], dim=1))
                         for fuse, s in zip(self.mask_fusers, skips))
             return DenoiserOutput(self.decoder(h_mid, cat, temb), masks)
         if scheme == "hierarchical":
             return self._hierarchical(h_mid, skips, temb, masks)
-        eps_k = self._region_eps(h_mid, skips, temb, masks)
-        return DenoiserOutput((eps_k * masks.unsqueeze(2)).sum(dim=1), masks)
+        eps_k = self._region_eps(h_mid, skips, temb, used)
+        return DenoiserOutput((eps_k * used.unsqueeze(2)).sum(dim=1), masks)
+
+    def used_masks(self, probs: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
+        """The masks the decoder passes see: the softmax itself, or its straight-through one-hot (``hard``)."""
+        return straight_through_one_hot(probs) if self.config.mask_mode == "hard" else probs
+
+    def _resize(self, masks: Tensor, size: Sequence[int]) -> Tensor:
+        return resize_masks(masks, size, self.config.mask_resize)
 
     def _region_eps(
         self, h_mid: Tensor, skips: Sequence[Tensor], temb: Tensor, masks: Float[Tensor, "batch k height width"]
@@ -230,17 +262,17 @@ class FactorizedUNet(nn.Module):
         scheme = self.config.scheme
         if scheme == "unshared":
             # Different weights per region cannot share one batched call; K calls on the masked skips.
-            outs = [dec(h_mid, tuple(s * resize_masks(masks[:, i:i + 1], s.shape[-2:]) for s in skips), temb)
+            outs = [dec(h_mid, tuple(s * self._resize(masks[:, i:i + 1], s.shape[-2:]) for s in skips), temb)
                     for i, dec in enumerate(self.decoders)]
             return torch.stack(outs, dim=1)
         temb_k = temb.repeat_interleave(k, dim=0)
         if scheme == "mask_mid":
-            m = resize_masks(masks, h_mid.shape[-2:])
+            m = self._resize(masks, h_mid.shape[-2:])
             h_k = (h_mid.unsqueeze(1) * m.unsqueeze(2)).flatten(0, 1)
             skips_k = tuple(s.repeat_interleave(k, dim=0) for s in skips)
         else:  # factorized: h_mid is NOT masked, every skip is
             h_k = h_mid.repeat_interleave(k, dim=0)
-            skips_k = mask_skips(skips, masks)
+            skips_k = mask_skips(skips, masks, self.config.mask_resize)
         eps = self.decoder(h_k, skips_k, temb_k)
         return eps.unflatten(0, (batch, k))
 
@@ -250,16 +282,19 @@ class FactorizedUNet(nn.Module):
         batch, k = m0.shape[:2]
         k2 = self.config.num_subregions
         # Level 2: each branch i sees skips * m0_i; one shared sub-mask generator, batched over (batch * k).
-        skips_i = mask_skips(skips, m0)
+        mode = self.config.mask_resize
+        u0 = self.used_masks(m0)
+        skips_i = mask_skips(skips, u0, mode)
         h_i = h_mid.repeat_interleave(k, dim=0)
         temb_i = temb.repeat_interleave(k, dim=0)
         m1 = self._softmax_masks(self.submask_generator(h_i, skips_i, temb_i))  # (batch*k, k2, h, w)
+        u1 = self.used_masks(m1)
         eps0 = self.decoder(h_i, skips_i, temb_i)  # (batch*k, c, h, w)
-        skips_ij = mask_skips(skips_i, m1)  # (batch*k*k2) rows
+        skips_ij = mask_skips(skips_i, u1, mode)  # (batch*k*k2) rows
         eps1 = self.decoder(h_i.repeat_interleave(k2, dim=0), skips_ij, temb_i.repeat_interleave(k2, dim=0))
         eps1 = eps1.unflatten(0, (batch * k, k2))
-        branch = eps0 + (eps1 * m1.unsqueeze(2)).sum(dim=1)
-        eps = (branch.unflatten(0, (batch, k)) * m0.unsqueeze(2)).sum(dim=1) / 2.0
+        branch = eps0 + (eps1 * u1.unsqueeze(2)).sum(dim=1)
+        eps = (branch.unflatten(0, (batch, k)) * u0.unsqueeze(2)).sum(dim=1) / 2.0
         leaves = (m0.unsqueeze(2) * m1.unflatten(0, (batch, k))).flatten(1, 2)
         return DenoiserOutput(eps, leaves)
 
@@ -283,13 +318,3 @@ class FactorizedUNet(nn.Module):
                 h.remove()
         size = x_t.shape[-2:]
         return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats], dim=1)
-
-
-def denoising_loss(
-    model: nn.Module, x0: Float[Tensor, "batch channels height width"], t: Int[Tensor, "batch"],
-    noise: Float[Tensor, "batch channels height width"], schedule, labels: Optional[Tensor] = None,
-) -> Tensor:
-    """||eps - eps_hat||^2, the only loss (no mask regulariser, no labels)."""
-    x_t = schedule.add_noise(x0, t, noise)
-    out = model(x_t, t, labels)
-    return F.mse_loss(out.eps, noise)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from diffusion_utils.schedule import DiffusionSchedule, DiffusionScheduleConfig, to_image_range, to_model_range
 from factorized_seg.data import SegDataError, augment, list_images, load_images, read_labels, resolve_data
 from factorized_seg.inference import sample_images, segment_tensor
+from factorized_seg.losses import MaskLossConfig, SegObjective
 from factorized_seg.model import FactorizedUNet, FactorizedUNetConfig
 from factorized_seg.viz import atomic_save_image, image_mask_grid, to_uint8
 
@@ -67,6 +68,8 @@ class TrainConfig:
     """Noise schedule (the paper's: T = 1000, linear 1e-4 .. 0.02)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Data augmentation."""
+    mask_losses: MaskLossConfig = field(default_factory=MaskLossConfig)
+    """Mask terms added to the denoising loss (ours; all 0 = the paper's loss alone)."""
     batch_size: int = 32
     """Images per optimiser step (over all processes under torchrun)."""
     max_steps: int = 2000
@@ -230,7 +233,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         step = int(ckpt["step"])
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     ema.to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    objective = SegObjective(model, schedule, cfg.mask_losses)
+    ddp = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
 
     writer = None
     if rank == 0:
@@ -305,8 +309,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         with autocast:
-            out = ddp(schedule.add_noise(x0, t, noise), t, lab)
-            loss = F.mse_loss(out.eps.float(), noise)
+            loss, terms = ddp(x0, t, noise, lab, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -321,11 +324,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             writer.add_scalar("train/loss", last_loss, step)
             writer.add_scalar("train/lr", _lr_at(cfg, step - 1), step)
             writer.add_scalar("train/images_per_s", (bar.format_dict.get("rate") or 0.0) * per_rank, step)
-            if out.masks is not None:
-                usage = out.masks.detach().float().mean(dim=(0, 2, 3))
-                for k, u in enumerate(usage.tolist()):
-                    writer.add_scalar(f"masks/usage_{k}", u, step)
-                writer.add_scalar("masks/max_prob", out.masks.detach().float().amax(1).mean().item(), step)
+            for name, value in terms.items():
+                writer.add_scalar(name, float(value), step)
         if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
             save_grid()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
