@@ -91,9 +91,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (SegDataError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (SegDataError, ValueError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"factorized-seg {argv[0]}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as err:  # missing or unwritable path, full disk: the OS's reason and the path, one line
+        where = f": {err.filename}" if err.filename else ""
+        print(f"factorized-seg {argv[0]}: error: {err.strerror or type(err).__name__}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)

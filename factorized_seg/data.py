@@ -65,12 +65,37 @@ def list_images(spec: str | Path) -> List[Path]:
     return sorted(files)
 
 
-def read_rgb(path: Path) -> Image.Image:
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pillow modes of 16-bit greyscale PNGs ("I" in older Pillow); ``convert`` would clip them at 255."""
+
+
+def _wide_to_uint8(im: Image.Image, path: Path, what: str) -> np.ndarray:
+    """A 16-bit greyscale image at its real range (0..65535 -> 0..255, rounded)."""
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise SegDataError(f"{what} {path} has values outside 0..65535 (mode {im.mode}): save it as an 8- or 16-bit "
+                           "PNG")
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _open(path: Path, what: str):
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise SegDataError(f"cannot read image {path} ({type(err).__name__}): remove or replace the file") from None
+        im = Image.open(path)
+        im.load()
+        return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SegDataError(f"cannot read {what} {path} ({type(err).__name__}): remove or replace the file") from None
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """An image as 8-bit RGB. 16-bit images keep their real range (scaled to 0..255, never clipped); 16-bit
+    RGB PNGs already open as 8-bit RGB in Pillow (the high byte)."""
+    with _open(path, "image") as im:
+        if im.mode in WIDE_MODES:
+            return Image.fromarray(_wide_to_uint8(im, path, "image")).convert("RGB")
+        if im.mode == "F":
+            raise SegDataError(f"image {path} holds floating-point values: save it as an 8- or 16-bit PNG or a JPEG")
+        return im.convert("RGB")
 
 
 def load_images(
@@ -111,12 +136,32 @@ def read_labels(path: Path, files: Sequence[Path]) -> Tuple[torch.Tensor, List[s
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A ground-truth mask PNG as uint8 (0 background, 255 foreground, anything else ignored)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise SegDataError(f"cannot read mask {path} ({type(err).__name__}): remove or replace the file") from None
+    """A ground-truth mask PNG as uint8 (0 background, 255 foreground, anything else ignored). A 16-bit mask is
+    scaled to 8 bits (65535 -> 255, 32896 -> 128), never clipped."""
+    with _open(path, "mask") as im:
+        if im.mode in WIDE_MODES:
+            return _wide_to_uint8(im, path, "mask")
+        return np.asarray(im.convert("L"))
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """A predicted label PNG (values 0..K-1) as integers: single-channel images (8-bit, 16-bit, palette) are read
+    as stored, never rescaled; colour images through their luminance (equal channels keep their value)."""
+    with _open(path, "prediction") as im:
+        if im.mode in WIDE_MODES + ("L", "P", "1"):
+            return np.asarray(im).astype(np.int64)
+        return np.asarray(im.convert("L")).astype(np.int64)
+
+
+def check_output_dir(path: Path, flag: str = "--output-dir") -> Path:
+    """An output folder that exists or can be made (not an existing file); nothing is created here."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise SegDataError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
 
 
 def augment(

@@ -9,9 +9,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from factorized_seg.data import BUNDLED_DIR, SegDataError, bundled_masks, read_mask
+from factorized_seg.checkpoints import atomic_write_text
+from factorized_seg.data import BUNDLED_DIR, SegDataError, bundled_masks, check_output_dir, read_label_map, read_mask
 from factorized_seg.metrics import count_labels, iem_scores, scores_for, strict_scores
-from factorized_seg.trainer import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class EvalConfig:
     """Seed of the random fitting split."""
 
 
+MAX_LABELS = 16
+"""Largest K scored: the strict and IEM protocols try every subset of labels (2^K - 2 of them)."""
+
+
 def resolve_masks(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -47,8 +51,9 @@ def resolve_masks(spec: str) -> Path:
                        f"(bundled: {', '.join(names) or 'none'})")
 
 
-def load_pairs(pred_dir: Path, mask_dir: Path) -> Tuple[list, list, list]:
-    """(names, predictions, masks) for every ground-truth mask; errors on missing or differently sized ones."""
+def load_pairs(pred_dir: Path, mask_dir: Path) -> Tuple[list, list, list, list]:
+    """(names, predictions, masks, skipped) for every ground-truth mask; errors on missing or differently sized
+    ones. ``skipped``: names of the predictions that have no ground-truth mask (not scored)."""
     if not pred_dir.is_dir():
         raise SegDataError(f"prediction folder {pred_dir} does not exist: run 'factorized-seg segment' first")
     gt_files = sorted(p for p in mask_dir.iterdir() if p.suffix.lower() == ".png")
@@ -64,25 +69,48 @@ def load_pairs(pred_dir: Path, mask_dir: Path) -> Tuple[list, list, list]:
     if missing:
         raise SegDataError(f"{len(missing)} mask(s) in {mask_dir} have no prediction in {pred_dir}, e.g. "
                            f"{missing[0]}: segment those images too")
+    gt_stems = {g.stem for g in gt_files}
+    skipped = sorted(stem for stem in preds if stem not in gt_stems)
     names, p_list, g_list = [], [], []
     for g in gt_files:
         gt = read_mask(g)
-        pr = read_mask(preds[g.stem])
+        pr = read_label_map(preds[g.stem])
         if pr.shape != gt.shape:
             raise SegDataError(f"mask {g.name} is {gt.shape[1]}x{gt.shape[0]} but its prediction is "
                                f"{pr.shape[1]}x{pr.shape[0]}: segment the images the masks belong to")
         names.append(g.stem)
         p_list.append(pr)
         g_list.append(gt)
-    return names, p_list, g_list
+    return names, p_list, g_list, skipped
 
 
 def evaluate(cfg: EvalConfig) -> Dict:
     """Scores under both protocols; writes the JSON atomically and returns it."""
     if not 0.0 < cfg.fit_fraction < 1.0:
         raise SegDataError(f"--fit-fraction must lie in (0, 1), got {cfg.fit_fraction}")
-    names, preds, gts = load_pairs(Path(cfg.pred), resolve_masks(cfg.masks))
-    k = cfg.num_labels or max(2, int(max(p.max() for p in preds)) + 1)
+    if cfg.num_labels is not None and not 1 <= cfg.num_labels <= MAX_LABELS:
+        raise SegDataError(f"--num-labels must lie in 1..{MAX_LABELS}, got {cfg.num_labels}")
+    if cfg.fit_names is not None and not Path(cfg.fit_names).is_file():
+        raise SegDataError(f"--fit-names {cfg.fit_names} does not exist: give a text file of image names")
+    if cfg.seed < 0:
+        raise SegDataError(f"--seed must be >= 0, got {cfg.seed}")
+    out = Path(cfg.output or Path(cfg.pred).parent / "eval.json")
+    check_output_dir(out.parent, "--output")
+    if out.is_dir():
+        raise SegDataError(f"--output {out} is a folder: give a .json file name")
+    names, preds, gts, skipped = load_pairs(Path(cfg.pred), resolve_masks(cfg.masks))
+    lowest, highest = min(int(p.min()) for p in preds), max(int(p.max()) for p in preds)
+    if lowest < 0:
+        raise SegDataError(f"predictions in {cfg.pred} hold negative labels ({lowest}): give label PNGs (0..K-1)")
+    if highest >= MAX_LABELS:
+        worst = next(n for n, p in zip(names, preds) if int(p.max()) == highest)
+        raise SegDataError(f"prediction {worst} in {cfg.pred} holds label {highest}, above {MAX_LABELS - 1}: give the "
+                           "label PNGs written by 'segment' (values 0..K-1), not images or masks")
+    k = cfg.num_labels or max(2, highest + 1)
+    if highest >= k:
+        worst = next(n for n, p in zip(names, preds) if int(p.max()) == highest)
+        raise SegDataError(f"--num-labels {k} is too small: prediction {worst} holds label {highest} (labels must "
+                           f"lie in 0..K-1)")
     counts = [count_labels(p, g, k) for p, g in zip(preds, gts)]
     if cfg.fit_names is not None:
         wanted = {Path(line.strip()).stem for line in Path(cfg.fit_names).read_text().splitlines() if line.strip()}
@@ -97,12 +125,12 @@ def evaluate(cfg: EvalConfig) -> Dict:
     strict, assignment = strict_scores(counts, fit, k)
     result = {
         "num_images": len(names), "num_fit": int(sum(fit)), "num_eval": int(len(fit) - sum(fit)), "num_labels": k,
+        "num_scored": len(names), "num_skipped_no_mask": len(skipped), "skipped_no_mask": skipped,
         "strict": {**strict, "foreground_labels": list(assignment)},
         "iem": iem_scores(counts, k),
         "iem_on_strict_images": iem_scores([c for c, f in zip(counts, fit) if not f], k),
     }
-    out = cfg.output or Path(cfg.pred).parent / "eval.json"
-    atomic_write_text(Path(out), json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     return result
 
 
@@ -113,6 +141,9 @@ def format_table(result: Dict) -> str:
                  f"chosen on {result['num_fit']} others)")
     lines.append(f"{'iem':<8} {100 * result['iem']['acc']:6.1f} {100 * result['iem']['iou']:6.1f} "
                  f"{100 * result['iem']['dice']:6.1f}  {result['num_images']}")
+    skipped = result["num_skipped_no_mask"]
+    lines.append(f"scored {result['num_scored']} predictions; skipped {skipped} without a ground-truth mask"
+                 + (f" (e.g. {result['skipped_no_mask'][0]})" if skipped else ""))
     return "\n".join(lines)
 
 

@@ -17,6 +17,32 @@ from factorized_seg.model import FactorizedUNet
 Sampler = Literal["ddpm", "ddim", "dpm"]
 
 
+def resolve_device(device: str) -> torch.device:
+    """``--device`` as a torch.device; one-line ValueError for a malformed name or a device that is not here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device name (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    return dev
+
+
+def check_class_label(class_label: Optional[int], classes: Sequence[str], num_classes: int) -> None:
+    """``--class-label`` must be None or an index the (class-conditional) model knows."""
+    if class_label is None:
+        return
+    if num_classes == 0:
+        raise ValueError(f"--class-label {class_label}: the model was trained without class labels; drop the flag")
+    if not 0 <= class_label < num_classes:
+        names = f" ({', '.join(f'{i}={c}' for i, c in enumerate(classes))})" if classes else ""
+        raise ValueError(f"--class-label must lie in 0..{num_classes - 1}{names}, got {class_label}")
+
+
 def per_image_noise(shape: Sequence[int], seeds: Sequence[int]) -> Float[Tensor, "batch channels height width"]:
     """One noise tensor per image from its own seed, so results do not depend on batching."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])

@@ -9,8 +9,9 @@ from typing import Optional
 import torch
 
 from diffusion_utils.schedule import to_image_range
-from factorized_seg.inference import Sampler, sample_images
-from factorized_seg.trainer import load_for_inference
+from factorized_seg.checkpoints import load_for_inference, remove_stale_temporaries
+from factorized_seg.data import SegDataError, check_output_dir
+from factorized_seg.inference import Sampler, check_class_label, resolve_device, sample_images
 from factorized_seg.viz import atomic_save_image, colour_masks, image_mask_grid, save_tensor_image, to_uint8
 
 
@@ -41,23 +42,29 @@ class SampleConfig:
 
 
 def run_sample(cfg: SampleConfig) -> Path:
-    """Generate; returns the grid's path."""
-    if cfg.num < 1:
-        raise ValueError(f"--num must be >= 1, got {cfg.num}")
-    model, schedule, meta = load_for_inference(cfg.run, cfg.device)
+    """Generate; returns the grid's path. Every input is checked before anything is written."""
+    for flag, value, ok in (("--num", cfg.num, cfg.num >= 1), ("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--steps", cfg.steps, cfg.steps >= 1 or cfg.sampler == "ddpm"),
+                            ("--seed", cfg.seed, cfg.seed >= 0)):
+        if not ok:
+            raise SegDataError(f"{flag} must be >= {0 if flag == '--seed' else 1}, got {value}")
+    out = check_output_dir(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    model, schedule, meta = load_for_inference(cfg.run, device)
+    check_class_label(cfg.class_label, meta.get("classes", []), model.config.num_classes)
     res = int(meta["resolution"])
     xs, ms = [], []
     for start in range(0, cfg.num, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num - start)
-        labels = (torch.full((n,), cfg.class_label, dtype=torch.long, device=cfg.device)
+        labels = (torch.full((n,), cfg.class_label, dtype=torch.long, device=device)
                   if cfg.class_label is not None else None)
         x, m = sample_images(model, schedule, n, res, seed=cfg.seed + start, sampler=cfg.sampler, steps=cfg.steps,
-                             labels=labels, device=cfg.device, progress=cfg.progress)
+                             labels=labels, device=device, progress=cfg.progress)
         xs.append(to_image_range(x).float().cpu())
         ms.append(None if m is None else m.float().cpu())
     images = torch.cat(xs)
     masks = None if ms[0] is None else torch.cat(ms)
-    out = Path(cfg.output_dir)
+    remove_stale_temporaries(out / sub for sub in ("", "images", "masks", "mask_colours"))
     for i in range(cfg.num):
         save_tensor_image(images[i], out / "images" / f"sample_{i:04d}.png")
         if masks is not None:

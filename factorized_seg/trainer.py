@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,18 @@ from torch import Tensor
 from tqdm import tqdm
 
 from diffusion_utils.schedule import DiffusionSchedule, DiffusionScheduleConfig, to_image_range, to_model_range
-from factorized_seg.data import SegDataError, augment, list_images, load_images, read_labels, resolve_data
+from factorized_seg.checkpoints import (  # noqa: F401 (load_for_inference, config_from_dict: re-exported)
+    CHECKPOINT, EMA_WEIGHTS, FORMAT, FORMAT_VERSION, RESUME_KEYS, CheckpointError, atomic_torch_save,
+    atomic_write_text, config_from_dict, config_to_dict, inference_part, load_for_inference, nonfinite_entries,
+    read_checkpoint, remove_stale_temporaries, repair_ema_file,
+)
+from factorized_seg.data import (
+    SegDataError, augment, check_output_dir, list_images, load_images, read_labels, resolve_data,
+)
 from factorized_seg.inference import sample_images, segment_tensor
 from factorized_seg.losses import MaskLossConfig, SegObjective
-from factorized_seg.model import FactorizedUNet, FactorizedUNetConfig
+from factorized_seg.model import FactorizedUNetConfig
 from factorized_seg.viz import atomic_save_image, image_mask_grid, to_uint8
-
-CHECKPOINT = "checkpoints/latest.pt"
-EMA_WEIGHTS = "checkpoints/ema.pt"
 
 
 @dataclass(frozen=True)
@@ -108,49 +111,86 @@ class TrainConfig:
     """Show a progress bar (it/s and ETA)."""
 
 
-def config_to_dict(cfg: Any) -> Dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+class TrainingDiverged(SegDataError):
+    """Non-finite loss or weights during training (one line: the step, the checkpoint kept, a lower --lr)."""
 
 
-def model_config_from_dict(d: Dict[str, Any]) -> FactorizedUNetConfig:
-    d = dict(d)
-    for k in ("channel_mults", "attention_levels"):
-        d[k] = tuple(d[k])
-    return FactorizedUNetConfig(**d)
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt", prefix=".tmp-")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Raise SegDataError naming the first out-of-range flag. Called before anything is read or written."""
+    m, a, d = cfg.model, cfg.augment, cfg.diffusion
+    finite = math.isfinite
+    mults_ok = len(m.channel_mults) >= 1 and all(c >= 1 for c in m.channel_mults)
+    factor = m.downsample_factor if mults_ok else 1
+    checks = [  # (config path, value, ok, what it must be)
+        ("batch_size", cfg.batch_size, cfg.batch_size >= 1, ">= 1"),
+        ("max_steps", cfg.max_steps, cfg.max_steps >= 1, ">= 1"),
+        ("time_budget_s", cfg.time_budget_s, cfg.time_budget_s is None or cfg.time_budget_s > 0, "> 0 (or None)"),
+        ("lr", cfg.lr, finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+        ("warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, ">= 0"),
+        ("grad_clip", cfg.grad_clip, finite(cfg.grad_clip) and cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        ("ema_decay", cfg.ema_decay, 0.0 <= cfg.ema_decay <= 1.0, "in [0, 1]"),
+        ("t_power", cfg.t_power, finite(cfg.t_power) and cfg.t_power > 0, "a finite number > 0"),
+        ("seed", cfg.seed, 0 <= cfg.seed < 2 ** 31, "in [0, 2^31)"),
+        ("threads", cfg.threads, cfg.threads >= 0, ">= 0 (0 = torch's default)"),
+        ("log_every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
+        ("sample_every", cfg.sample_every, cfg.sample_every >= 0, ">= 0 (0 = never)"),
+        ("sample_generate_steps", cfg.sample_generate_steps, cfg.sample_generate_steps >= 0, ">= 0"),
+        ("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, ">= 0 (0 = only at the end)"),
+        ("model.num_regions", m.num_regions, m.num_regions >= 1, ">= 1"),
+        ("model.num_subregions", m.num_subregions, m.num_subregions >= 1, ">= 1"),
+        ("model.image_channels", m.image_channels, m.image_channels == 3, "3 (training reads RGB images)"),
+        ("model.base_channels", m.base_channels, m.base_channels >= 1, ">= 1"),
+        ("model.channel_mults", m.channel_mults, mults_ok, "one or more integers >= 1"),
+        ("model.num_res_blocks", m.num_res_blocks, m.num_res_blocks >= 1, ">= 1"),
+        ("model.attention_levels", m.attention_levels,
+         all(0 <= i < len(m.channel_mults) for i in m.attention_levels), f"level indices < {len(m.channel_mults)}"),
+        ("model.norm_groups", m.norm_groups,
+         m.norm_groups >= 1 and all((c * m.base_channels) % m.norm_groups == 0 for c in m.channel_mults),
+         "a divisor of every level width (base-channels x channel-mults)"),
+        ("model.dropout", m.dropout, 0.0 <= m.dropout < 1.0, "in [0, 1)"),
+        ("model.num_classes", m.num_classes, m.num_classes >= 0, ">= 0"),
+        ("model.mask_pool", m.mask_pool, m.mask_pool >= 1, ">= 1"),
+        ("resolution", cfg.resolution, cfg.resolution >= 1 and cfg.resolution % factor == 0,
+         f"a positive multiple of {factor} (2 ^ (levels - 1))"),
+        ("augment.min_crop", a.min_crop, 0.0 < a.min_crop <= 1.0, "in (0, 1]"),
+        ("augment.max_shift", a.max_shift, 0 <= a.max_shift < cfg.resolution,
+         f"in [0, resolution) = [0, {cfg.resolution})"),
+        ("diffusion.num_timesteps", d.num_timesteps, d.num_timesteps >= 1, ">= 1"),
+        ("diffusion.beta_start", d.beta_start, 0.0 < d.beta_start < 1.0, "in (0, 1)"),
+        ("diffusion.beta_end", d.beta_end, d.beta_start <= d.beta_end < 1.0, "in [beta-start, 1)"),
+    ]
+    for path, value, ok, want in checks:
+        if not ok:
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            raise SegDataError(f"{_flag(path)} must be {want}, got {shown if shown != '' else '(nothing)'}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SegDataError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    check_output_dir(cfg.output_dir)
+    for part in (m, cfg.mask_losses):  # the configs' own checks (their messages name the setting)
+        try:
+            part.validate()
+        except ValueError as err:
+            raise SegDataError(str(err)) from None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def load_for_inference(run_or_ckpt: Path, device: str = "cpu") -> Tuple[FactorizedUNet, DiffusionSchedule, dict]:
-    """EMA model, schedule and saved metadata from a run folder or a checkpoint file."""
-    path = Path(run_or_ckpt)
-    if path.is_dir():
-        path = path / EMA_WEIGHTS
-    if not path.is_file():
-        raise SegDataError(f"no checkpoint at {path}: give a run folder made by 'factorized-seg train' or a .pt file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = model_config_from_dict(ckpt["model_config"]).setup()
-    model.load_state_dict(ckpt["ema_model"])
-    schedule = DiffusionScheduleConfig(**ckpt["diffusion"]).setup()
-    return model.to(device).eval(), schedule, ckpt
+def _resume_mismatch(ckpt: Dict[str, Any], cfg: TrainConfig, model_cfg: FactorizedUNetConfig) -> Optional[str]:
+    """The first setting that differs between the run being resumed and these flags (None if they fit)."""
+    stored = {("model." + k): v for k, v in ckpt["model_config"].items()}
+    stored.update({("diffusion." + k): v for k, v in ckpt["diffusion"].items()})
+    stored["resolution"] = ckpt["resolution"]
+    given = {("model." + k): v for k, v in config_to_dict(model_cfg).items()}
+    given.update({("diffusion." + k): v for k, v in config_to_dict(cfg.diffusion).items()})
+    given["resolution"] = cfg.resolution
+    for key, value in given.items():
+        if key in stored and stored[key] != value:
+            show = (lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v))
+            return (f"--resume: the run in {cfg.output_dir} was trained with {_flag(key)} {show(stored[key])}, "
+                    f"not {show(value)}: drop the flag or pick another --output-dir")
+    return None
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -162,6 +202,14 @@ def sample_t(schedule: DiffusionSchedule, batch: int, power: float, gen: torch.G
         return schedule.sample_timesteps(batch, generator=gen)
     u = torch.rand(batch, generator=gen)
     return (schedule.num_timesteps * u.pow(power)).long().clamp(0, schedule.num_timesteps - 1)
+
+
+def _nonfinite_anywhere(loss: Tensor, world: int) -> bool:
+    """True on every process if the loss is NaN or inf on any of them (so all stop at the same step)."""
+    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _dist_info() -> Tuple[int, int]:
@@ -183,10 +231,11 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) and return the run folder, the final step and the time spent."""
     rank, world = _dist_info()
+    validate_train_config(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
-        raise SegDataError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        raise SegDataError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if world > 1 and not dist.is_initialized():
@@ -205,16 +254,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not cfg.resume and ckpt_path.is_file():
         raise SegDataError(f"{out_dir} already holds a run: pass --resume to continue it or pick another --output-dir")
 
-    # 1. data and architecture (everything is checked before anything is written)
-    cfg.model.validate()
+    # 1. data, architecture and the run to resume (everything is checked before anything is written)
     files = list_images(resolve_data(cfg.data))
     labels, classes = (read_labels(cfg.labels, files) if cfg.labels is not None else (None, []))
     if cfg.labels is not None and cfg.model.num_classes != len(classes):
         model_cfg = dataclasses.replace(cfg.model, num_classes=len(classes))
     else:
         model_cfg = cfg.model
-    if cfg.resolution % model_cfg.downsample_factor:
-        raise SegDataError(f"resolution {cfg.resolution} must be divisible by {model_cfg.downsample_factor}")
+    ckpt = None
+    if cfg.resume:
+        ckpt = read_checkpoint(ckpt_path, RESUME_KEYS, mmap=False)
+        bad = nonfinite_entries({k: ckpt[k] for k in ("model", "ema_state", "optimizer")})
+        if bad:
+            raise CheckpointError(f"{ckpt_path} holds non-finite values ({bad[0]}, step {ckpt['step']}): this run "
+                                  "diverged and cannot be resumed; start a new one with a lower --lr")
+        mismatch = _resume_mismatch(ckpt, cfg, model_cfg)
+        if mismatch:
+            raise SegDataError(mismatch)
     images = load_images(files, cfg.resolution, progress=cfg.progress and rank == 0)
 
     # 2. model, optimiser, EMA
@@ -225,13 +281,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     step = 0
-    if cfg.resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema_state"])
-        step = int(ckpt["step"])
-        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            ema.load_state_dict(ckpt["ema_state"])
+            step = int(ckpt["step"])
+            gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"not a factorized-seg checkpoint: {ckpt_path} (cannot resume from it: "
+                                  f"{first})") from None
+    last_saved = step if ckpt is not None else None
     ema.to(device)
     objective = SegObjective(model, schedule, cfg.mask_losses)
     ddp = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
@@ -240,6 +301,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only rank 0 logs
 
+        # First writes of this invocation: drop what a killed run left half-written, pair ema.pt with latest.pt.
+        remove_stale_temporaries([out_dir, out_dir / "checkpoints", out_dir / "samples"])
+        if ckpt is not None:
+            repair_ema_file(out_dir, ckpt)
         atomic_write_text(out_dir / "config.json", json.dumps(
             {**config_to_dict(cfg), "model": config_to_dict(model_cfg), "classes": classes,
              "num_images": len(files)}, indent=2))
@@ -249,8 +314,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     def snapshot() -> Dict[str, Any]:
         ema_model = copy.deepcopy(model).cpu()
         ema.copy_to(ema_model.parameters())
-        return {"model_config": config_to_dict(model_cfg), "diffusion": config_to_dict(cfg.diffusion),
-                "resolution": cfg.resolution, "classes": classes, "step": step,
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": config_to_dict(model_cfg),
+                "diffusion": config_to_dict(cfg.diffusion), "resolution": cfg.resolution, "classes": classes,
+                "step": step, "train_config": config_to_dict(dataclasses.replace(cfg, model=model_cfg)),
                 "ema_model": ema_model.state_dict()}
 
     def gather_rng() -> list:
@@ -261,14 +327,37 @@ def train(cfg: TrainConfig) -> TrainResult:
         dist.all_gather_object(states, state)
         return states
 
+    def fail(err: Exception) -> None:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        raise err
+
+    def diverged(what: str) -> TrainingDiverged:
+        if last_saved is None:
+            kept, retry = "no checkpoint was written", f"--lr {cfg.lr / 10:g}"
+        else:
+            kept, retry = f"{CHECKPOINT} (step {last_saved}) is kept", f"--resume --lr {cfg.lr / 10:g}"
+        return TrainingDiverged(f"training diverged at step {step}: {what}; {kept}; retry with a lower --lr "
+                                f"(now {cfg.lr:g}), e.g. {retry}")
+
     def save_checkpoint() -> None:
+        """latest.pt (everything resume needs, EMA weights included), then ema.pt from the same snapshot; never
+        with non-finite values (every rank checks its identical copy, so all stop together)."""
+        nonlocal last_saved
+        bad = nonfinite_entries({"model": model.state_dict(), "ema": ema.shadow_params,
+                                 "optimizer": opt.state_dict()["state"]})
+        if bad:
+            fail(diverged(f"non-finite weights ({bad[0]})"))
         rng = gather_rng()
         if rank != 0:
+            last_saved = step
             return
         snap = snapshot()
-        atomic_torch_save(snap, out_dir / EMA_WEIGHTS)
         atomic_torch_save({**snap, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "ema_state": ema.state_dict(), "rng": rng}, ckpt_path)
+        atomic_torch_save(inference_part(snap), out_dir / EMA_WEIGHTS)
+        last_saved = step
 
     def save_grid() -> None:
         ema_model = model_cfg.setup()
@@ -312,6 +401,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             loss, terms = ddp(x0, t, noise, lab, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if _nonfinite_anywhere(loss, world):
+            step += 1  # the step that failed, 1-based like the saved steps
+            fail(diverged("the loss is not finite"))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

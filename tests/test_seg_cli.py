@@ -58,7 +58,7 @@ def test_train_writes_config_checkpoints_tensorboard_and_grids(trained):
     _, _, _, run = trained
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["max_steps"] == 2 and cfg["model"]["base_channels"] == 8
-    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 2 and {"model", "ema_model", "optimizer", "ema_state"} <= set(ckpt)
     assert (run / "checkpoints" / "ema.pt").is_file()
     assert list((run / "tensorboard").iterdir())
@@ -116,11 +116,11 @@ def test_resume_continues_at_saved_step_with_identical_ema(trained, tmp_path):
     _, images, _, run = trained
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
-    before = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=False)
+    before = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=True)
     # Resuming with the same max_steps does no step: EMA and step unchanged.
     assert main(["train", "--data", str(images), "--output-dir", str(resumed), *TINY_TRAIN, "--resume",
                  "--sample-every", "0"]) == 0
-    same = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=False)
+    same = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=True)
     assert same["step"] == 2
     for a, b in zip(before["ema_state"]["shadow_params"], same["ema_state"]["shadow_params"]):
         assert torch.equal(a, b)
@@ -130,8 +130,8 @@ def test_resume_continues_at_saved_step_with_identical_ema(trained, tmp_path):
     straight = tmp_path / "straight"
     assert main(["train", "--data", str(images), "--output-dir", str(straight), *TINY_TRAIN, "--max-steps", "4",
                  "--sample-every", "0"]) == 0
-    r = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=False)
-    s = torch.load(straight / "checkpoints" / "latest.pt", weights_only=False)
+    r = torch.load(resumed / "checkpoints" / "latest.pt", weights_only=True)
+    s = torch.load(straight / "checkpoints" / "latest.pt", weights_only=True)
     assert r["step"] == s["step"] == 4
     for k in s["ema_model"]:
         torch.testing.assert_close(r["ema_model"][k], s["ema_model"][k])
@@ -166,7 +166,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
 
     code, _, err = run_cli(["train", "--data", images, "--output-dir", out, *TINY_TRAIN, "--model.num-regions", "0"],
                            capsys)
-    assert_one_line_error(code, err, "K")
+    assert_one_line_error(code, err, "--model.num-regions")
     assert not out.exists()
 
     # eval: a mask without a prediction, then a prediction of the wrong size.
@@ -200,7 +200,7 @@ def test_class_conditional_training(tmp_path, capsys):
     code, _, err = run_cli(["train", "--data", images, "--labels", labels, "--output-dir", run, *TINY_TRAIN,
                             "--sample-every", "0"], capsys)
     assert code == 0, err
-    ckpt = torch.load(run / "checkpoints" / "ema.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "ema.pt", weights_only=True)
     assert ckpt["classes"] == ["cat", "dog"] and ckpt["model_config"]["num_classes"] == 2
     code, _, err = run_cli(["sample", "--run", run, "--output-dir", tmp_path / "s", "--num", 2, "--steps", 2,
                             "--class-label", 1, "--no-progress"], capsys)
@@ -220,5 +220,107 @@ def test_console_script_and_ddp_two_processes(tmp_path):
            "--sample-every", "0"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_checkpoints_are_tensors_and_plain_types_with_a_round_tripping_config(trained):
+    from factorized_seg.checkpoints import config_from_dict, config_to_dict
+    from factorized_seg.trainer import TrainConfig
+
+    _, _, _, run = trained
+    latest = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    ema = torch.load(run / "checkpoints" / "ema.pt", weights_only=True)
+    assert latest["step"] == ema["step"] == 2 and latest["format"] == ema["format"] == "factorized-seg"
+    assert not {"model", "optimizer", "ema_state", "rng"} & set(ema)
+    for k in latest["ema_model"]:
+        assert torch.equal(latest["ema_model"][k], ema["ema_model"][k])
+    cfg = config_from_dict(TrainConfig, latest["train_config"])
+    assert cfg.max_steps == 2 and cfg.model.channel_mults == (1, 2) and cfg.output_dir == run
+    assert config_to_dict(cfg) == latest["train_config"]
+
+
+def test_config_dict_round_trip_for_every_preset():
+    from factorized_seg.checkpoints import config_from_dict, config_to_dict
+    from factorized_seg.presets import PRESETS
+    from factorized_seg.trainer import TrainConfig
+
+    for preset in PRESETS.values():
+        plain = json.loads(json.dumps(config_to_dict(preset)))  # what a JSON file or a checkpoint keeps
+        assert config_from_dict(TrainConfig, plain) == preset
+    partial = config_to_dict(PRESETS["cpu"])
+    del partial["model"]["mask_pool"]  # a checkpoint from before a field existed: the default fills it
+    assert config_from_dict(TrainConfig, partial).model.mask_pool == TrainConfig().model.mask_pool
+    with pytest.raises(ValueError, match="no_such_field"):
+        config_from_dict(TrainConfig, {**partial, "no_such_field": 1})
+
+
+def test_16bit_pngs_keep_their_range(tmp_path):
+    """A 16-bit greyscale PNG at half scale reads as mid-grey (Pillow's convert('RGB') would clip it to white)."""
+    import cv2
+
+    from factorized_seg.data import load_images, read_mask, read_rgb
+
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 6), 32768, np.uint16)).save(grey)
+    assert Image.open(grey).mode.startswith("I")
+    assert np.asarray(read_rgb(grey)).max() == 128 and read_rgb(grey).size == (6, 4)
+    colour = tmp_path / "rgb16.png"
+    cv2.imwrite(str(colour), np.full((4, 6, 3), 16384, np.uint16))  # 48-bit RGB PNG
+    assert np.asarray(read_rgb(colour)).max() == 64
+    assert int(load_images([grey], 8, progress=False).max()) == 128
+    mask = tmp_path / "mask16.png"
+    Image.fromarray(np.array([[0, 32896, 65535]], np.uint16)).save(mask)
+    assert read_mask(mask).tolist() == [[0, 128, 255]]
+
+
+def test_eval_counts_scored_and_skipped_and_reads_16bit_masks(tmp_path, capsys):
+    images, masks = make_data(tmp_path / "data")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    rng = np.random.default_rng(1)
+    for f in sorted(masks.glob("*.png")):
+        Image.fromarray(rng.integers(0, 2, (12, 12)).astype(np.uint8)).save(pred / f.name)
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(pred / "no_mask_for_me.png")
+    masks16 = tmp_path / "masks16"
+    masks16.mkdir()
+    for f in sorted(masks.glob("*.png")):
+        Image.fromarray(np.asarray(Image.open(f)).astype(np.uint16) * 257).save(masks16 / f.name)
+    results = []
+    for name, folder in (("e8.json", masks), ("e16.json", masks16)):
+        code, stdout, err = run_cli(["eval", "--pred", pred, "--masks", folder, "--fit-fraction", 0.34,
+                                     "--output", tmp_path / name], capsys)
+        assert code == 0, err
+        assert "scored 6 predictions; skipped 1 without a ground-truth mask (e.g. no_mask_for_me)" in stdout
+        results.append(json.loads((tmp_path / name).read_text()))
+    assert results[0]["num_scored"] == 6 and results[0]["num_skipped_no_mask"] == 1
+    assert results[0]["skipped_no_mask"] == ["no_mask_for_me"]
+    assert results[0] == results[1]  # 16-bit masks (0 / 32896 / 65535) score exactly like their 8-bit copies
+
+
+def test_interrupted_checkpoint_pair_is_repaired_and_temporaries_removed(tmp_path, capsys):
+    """A kill between the writes of latest.pt and ema.pt leaves ema.pt one interval behind, and a kill during a
+    write leaves a .tmp-* file: inference reads latest.pt's EMA weights, and resume repairs both."""
+    from factorized_seg.checkpoints import load_for_inference
+
+    images, _ = make_data(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["train", "--data", images, "--output-dir", run, *TINY_TRAIN, "--sample-every", "0"]
+    assert run_cli([*args, "--max-steps", 1], capsys)[0] == 0
+    old_ema = (run / "checkpoints" / "ema.pt").read_bytes()
+    assert run_cli([*args, "--resume"], capsys)[0] == 0
+    (run / "checkpoints" / "ema.pt").write_bytes(old_ema)  # as if killed before ema.pt was replaced
+    (run / "checkpoints" / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")
+    (run / "samples").mkdir(exist_ok=True)
+    (run / "samples" / ".tmp-xyz.png").write_bytes(b"half a png")
+
+    latest = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    model, _, meta = load_for_inference(run)
+    assert meta["step"] == latest["step"] == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, latest["ema_model"][k])
+
+    assert run_cli([*args, "--resume"], capsys)[0] == 0  # no step to do: only the repairs
+    ema = torch.load(run / "checkpoints" / "ema.pt", weights_only=True)
+    assert ema["step"] == 2 and all(torch.equal(ema["ema_model"][k], latest["ema_model"][k]) for k in ema["ema_model"])
+    assert not list(run.rglob(".tmp-*"))
