@@ -8,7 +8,10 @@ import sys
 # Set before torch starts OpenMP: the default busy-wait policy makes a step ~3.5x slower on a loaded machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from typing import Callable, Dict, List, Optional  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import re  # noqa: E402
+from typing import Callable, Dict, List, Optional, Type, TypeVar  # noqa: E402
 
 import tyro  # noqa: E402
 
@@ -27,6 +30,47 @@ subcommands:
 'factorized-seg SUBCOMMAND --help' lists that subcommand's flags."""
 
 
+T = TypeVar("T")
+
+
+def _box_to_line(box: str) -> str:
+    """tyro's error box (title, wrapped text, separators, help excerpt; drawn with box characters on a terminal,
+    with dashes elsewhere) -> its first section on one line."""
+    sections: List[List[str]] = [[]]
+    title = None
+    for raw in box.splitlines():
+        line = raw.strip().strip("│╭╮╰╯|+").strip()
+        framed = re.fullmatch(r"[─-]+ (.+?) [─-]{3,}", line)
+        if framed and title is None and not any(sections):
+            title = framed.group(1)
+        elif line and set(line) <= set("─-=━ "):
+            sections.append([])
+        elif line:
+            sections[-1].append(line)
+    if title is None and len(sections) > 1 and len(sections[0]) == 1:  # unframed: "Title", dashes, body
+        title, sections = sections[0][0], sections[1:]
+    body = next((sec for sec in sections if sec), [])
+    missing = [t.split()[0] for t in body if t.startswith("--")]
+    if body and body[0].startswith("Missing") and missing:
+        return f"missing required flag(s): {', '.join(missing)}"
+    return " ".join(body) or title or "invalid arguments"
+
+
+def _parse(cls: Type[T], args: List[str], prog: str, **kwargs) -> T:
+    """tyro.cli, with a parsing error (unknown flag, wrong type, missing value) turned into one line."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parsed = tyro.cli(cls, args=args, prog=prog, description=cls.__doc__, **kwargs)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            sys.stderr.write(err.getvalue())
+            raise
+        raise SegDataError(f"{_box_to_line(err.getvalue())} (see {prog} --help)") from None
+    sys.stderr.write(err.getvalue())
+    return parsed
+
+
 def _preset_name(args: List[str]) -> str:
     for i, a in enumerate(args):
         if a == "--preset" and i + 1 < len(args):
@@ -43,8 +87,7 @@ def cmd_train(args: List[str]) -> None:
     name = _preset_name(args)
     if name not in PRESETS:
         raise SegDataError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = tyro.cli(TrainConfig, default=PRESETS[name], args=args, prog="factorized-seg train",
-                   description=TrainConfig.__doc__)
+    cfg = _parse(TrainConfig, args, "factorized-seg train", default=PRESETS[name])
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {result.step} in {result.train_s:.0f} s; run folder: {result.run_dir}")
@@ -53,7 +96,7 @@ def cmd_train(args: List[str]) -> None:
 def cmd_segment(args: List[str]) -> None:
     from factorized_seg.segment import SegmentConfig, run_segment
 
-    cfg = tyro.cli(SegmentConfig, args=args, prog="factorized-seg segment", description=SegmentConfig.__doc__)
+    cfg = _parse(SegmentConfig, args, "factorized-seg segment")
     written = run_segment(cfg)
     print(f"wrote {len(written)} label PNGs to {cfg.output_dir / 'masks'}")
 
@@ -61,7 +104,7 @@ def cmd_segment(args: List[str]) -> None:
 def cmd_sample(args: List[str]) -> None:
     from factorized_seg.sample import SampleConfig, run_sample
 
-    cfg = tyro.cli(SampleConfig, args=args, prog="factorized-seg sample", description=SampleConfig.__doc__)
+    cfg = _parse(SampleConfig, args, "factorized-seg sample")
     grid = run_sample(cfg)
     print(f"wrote {cfg.num} samples; grid: {grid}")
 
@@ -69,7 +112,7 @@ def cmd_sample(args: List[str]) -> None:
 def cmd_eval(args: List[str]) -> None:
     from factorized_seg.evaluate import EvalConfig, evaluate, format_table
 
-    cfg = tyro.cli(EvalConfig, args=args, prog="factorized-seg eval", description=EvalConfig.__doc__)
+    cfg = _parse(EvalConfig, args, "factorized-seg eval")
     result = evaluate(cfg)
     print(format_table(result))
 

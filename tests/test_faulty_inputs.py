@@ -14,8 +14,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,6 +51,8 @@ class Case:
     """Glob patterns (relative to the workspace) that the command may create or change."""
     check: Optional[Callable[["Workspace"], None]] = None
     """Extra assertions after the run."""
+    setup: Optional[Callable[["Workspace"], object]] = None
+    """Damage done to the inputs before ``build`` (a truncated checkpoint, a corrupt file)."""
 
 
 class Workspace:
@@ -114,8 +119,21 @@ def run_seg_in_process(args: Sequence[str], capsys: pytest.CaptureFixture) -> Tu
     return code, out.out, out.err
 
 
+def console_script(name: str) -> Callable[[Sequence[str], pytest.CaptureFixture], Tuple[int, str, str]]:
+    """Runs the installed console script in a subprocess: what a user sees, warnings and all (slower: ~6 s)."""
+
+    def run(args: Sequence[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
+        exe = Path(sys.executable).parent / name
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
+        return res.returncode, res.stdout, res.stderr
+
+    return run
+
+
 RUNNERS: Dict[str, Callable[[Sequence[str], pytest.CaptureFixture], Tuple[int, str, str]]] = {
     "factorized-seg": run_seg_in_process,
+    "factorized-seg-console": console_script("factorized-seg"),
 }
 
 
@@ -133,6 +151,12 @@ def train(ws: Workspace, *extra: object, out: str = "out") -> List[object]:
     return ["train", "--data", ws.images(), "--output-dir", ws.root / out, *TINY, *extra]
 
 
+def train_run(ws: Workspace, *extra: object) -> List[object]:
+    """Train into (a copy of) the tiny trained run."""
+    ws.run()
+    return train(ws, *extra, out="run")
+
+
 def segment(ws: Workspace, run: object, *extra: object) -> List[object]:
     return ["segment", "--run", run, "--images", ws.images(), "--output-dir", ws.root / "seg", "--no-progress",
             *extra]
@@ -148,10 +172,12 @@ def evaluate(ws: Workspace, pred: object, *extra: object) -> List[object]:
 
 
 def predictions(ws: Workspace, value: int = 1) -> Path:
-    """Label PNGs named like the masks."""
-    folder = ws.folder("pred")
-    for m in sorted(ws.masks().glob("*.png")):
-        Image.fromarray(np.full((12, 12), value, np.uint8)).save(folder / m.name)
+    """Label PNGs named like the masks (made once)."""
+    folder = ws.root / "pred"
+    if not folder.is_dir():
+        folder.mkdir()
+        for m in sorted(ws.masks().glob("*.png")):
+            Image.fromarray(np.full((12, 12), value, np.uint8)).save(folder / m.name)
     return folder
 
 
@@ -207,6 +233,17 @@ def poison(ws: Workspace, value: float = math.nan) -> Path:
     return run
 
 
+def broken_file(path: Path, data: bytes) -> Path:
+    """Write (or overwrite) path with bytes that are not what its name promises."""
+    path.write_bytes(data)
+    return path
+
+
+def mask_without_prediction(ws: Workspace) -> None:
+    predictions(ws)
+    shutil.copy(ws.masks() / "im0.png", ws.masks() / "extra.png")
+
+
 def truncate_latest(ws: Workspace) -> Path:
     latest = ws.run() / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
@@ -258,7 +295,7 @@ SEG_CASES: List[Case] = [
     Case("seg-train-label-file-missing-a-label", "factorized-seg",
          lambda ws: train(ws, "--labels", ws.file("labels.txt", b"im0.png cat\n")), ("no label",)),
     Case("seg-train-output-dir-is-a-file", "factorized-seg",
-         lambda ws: [ws.file("taken.txt", b"x"), train(ws, out="taken.txt")][-1], ("--output-dir",)),
+         lambda ws: train(ws, out="taken.txt"), ("--output-dir",), setup=lambda ws: ws.file("taken.txt", b"x")),
     # --- train: out-of-range flags (validated before anything is read or written)
     Case("seg-train-batch-size-0", "factorized-seg", lambda ws: train(ws, "--batch-size", 0), ("--batch-size",)),
     Case("seg-train-lr-negative", "factorized-seg", lambda ws: train(ws, "--lr", -1), ("--lr",)),
@@ -293,21 +330,21 @@ SEG_CASES: List[Case] = [
          ("--time-budget-s",)),
     Case("seg-train-threads-negative", "factorized-seg", lambda ws: train(ws, "--threads", -2), ("--threads",)),
     # --- train: existing runs, resume
-    Case("seg-train-existing-run-without-resume", "factorized-seg", lambda ws: [ws.run(), train(ws, out="run")][-1],
+    Case("seg-train-existing-run-without-resume", "factorized-seg", lambda ws: train_run(ws),
          ("already holds a run", "--resume")),
     Case("seg-train-resume-without-checkpoint", "factorized-seg", lambda ws: train(ws, "--resume"),
          ("no checkpoint",)),
     Case("seg-train-resume-truncated-checkpoint", "factorized-seg",
-         lambda ws: [truncate_latest(ws), train(ws, "--resume", out="run")][-1],
-         ("not a factorized-seg checkpoint", "latest.pt")),
+         lambda ws: train_run(ws, "--resume"), ("not a factorized-seg checkpoint", "latest.pt"),
+         setup=truncate_latest),
     Case("seg-train-resume-crafted-checkpoint", "factorized-seg",
-         lambda ws: [craft_latest(ws), train(ws, "--resume", out="run")][-1],
-         ("not a factorized-seg checkpoint", "latest.pt")),
+         lambda ws: train_run(ws, "--resume"), ("not a factorized-seg checkpoint", "latest.pt"),
+         setup=craft_latest),
     Case("seg-train-resume-other-architecture", "factorized-seg",
-         lambda ws: [ws.run(), train(ws, "--resume", "--model.base-channels", "16", out="run")][-1],
+         lambda ws: train_run(ws, "--resume", "--model.base-channels", "16"),
          ("--model.base-channels", "8")),
     Case("seg-train-resume-nonfinite-checkpoint", "factorized-seg",
-         lambda ws: [poison(ws), train(ws, "--resume", "--max-steps", 4, out="run")][-1], ("non-finite",)),
+         lambda ws: train_run(ws, "--resume", "--max-steps", 4), ("non-finite",), setup=poison),
     # --- train: divergence stops with one line and keeps the last good (finite) checkpoint pair
     Case("seg-train-diverges-fresh-run", "factorized-seg",
          lambda ws: train(ws, "--lr", "1e30", "--warmup-steps", 0, "--max-steps", 20, out="run"),
@@ -316,11 +353,26 @@ SEG_CASES: List[Case] = [
          check=lambda ws: checkpoints_finite_and_paired(ws) if (ws.root / "run/checkpoints/latest.pt").exists()
          else None),
     Case("seg-train-diverges-on-resume", "factorized-seg",
-         lambda ws: [ws.run(), train(ws, "--resume", "--lr", "1e30", "--warmup-steps", 0, "--max-steps", 20,
-                                     out="run")][-1],
+         lambda ws: train_run(ws, "--resume", "--lr", "1e30", "--warmup-steps", 0, "--max-steps", 20),
          ("diverged", "step", "--lr"),
          may_write=("run/config.json", "run/tensorboard/*", "run/checkpoints/*.pt"),
          check=checkpoints_finite_and_paired),
+    # --- command-line parsing (tyro's error box becomes one line)
+    Case("seg-train-batch-size-not-a-number", "factorized-seg", lambda ws: train(ws, "--batch-size", "abc"),
+         ("--batch-size", "abc")),
+    Case("seg-segment-unknown-flag", "factorized-seg", lambda ws: segment(ws, ws.run(), "--no-such-flag"),
+         ("Unrecognized", "--no-such-flag")),
+    Case("seg-segment-missing-run-flag", "factorized-seg", lambda ws: ["segment", "--images", ws.images()],
+         ("missing", "--run")),
+    Case("seg-sample-unknown-sampler", "factorized-seg", lambda ws: sample(ws, ws.run(), "--sampler", "euler"),
+         ("--sampler", "euler")),
+    # --- the installed console script, as a user runs it (no warning or traceback around the one line)
+    Case("seg-console-segment-crafted-pickle", "factorized-seg-console", lambda ws: segment(ws, crafted_pickle(ws)),
+         ("not a factorized-seg checkpoint", "crafted-")),
+    Case("seg-console-train-diverges", "factorized-seg-console",
+         lambda ws: train(ws, "--lr", "1e6", "--warmup-steps", 0, "--max-steps", 200, "--checkpoint-every", 1000,
+                          out="run"),
+         ("diverged", "no checkpoint was written", "--lr"), may_write=("run/config.json", "run/tensorboard/*")),
     # --- segment
     Case("seg-segment-missing-run", "factorized-seg", lambda ws: segment(ws, ws.root / "nope"), ("no checkpoint",)),
     Case("seg-segment-truncated-checkpoint", "factorized-seg", lambda ws: segment(ws, truncated_checkpoint(ws)),
@@ -350,8 +402,8 @@ SEG_CASES: List[Case] = [
     Case("seg-segment-bad-device", "factorized-seg", lambda ws: segment(ws, ws.run(), "--device", "gpu0"),
          ("--device",)),
     Case("seg-segment-corrupt-image", "factorized-seg",
-         lambda ws: [ws.images(), ws.file("data/images/zz.png", b"\x89PNG\r\n\x1a\nbroken"), segment(ws, ws.run())][-1],
-         ("zz.png",)),
+         lambda ws: segment(ws, ws.run()),
+         ("zz.png",), setup=lambda ws: broken_file(ws.images() / "zz.png", b"\x89PNG\r\n\x1a\nbroken")),
     Case("seg-segment-empty-folder", "factorized-seg",
          lambda ws: ["segment", "--run", ws.run(), "--images", ws.folder("empty"), "--output-dir", ws.root / "seg"],
          ("no images",)),
@@ -380,12 +432,11 @@ SEG_CASES: List[Case] = [
     Case("seg-eval-fit-names-missing", "factorized-seg",
          lambda ws: evaluate(ws, predictions(ws), "--fit-names", ws.root / "nope.txt"), ("--fit-names",)),
     Case("seg-eval-corrupt-mask", "factorized-seg",
-         lambda ws: [pred := predictions(ws), ws.file("data/masks/im0.png", b"broken"), evaluate(ws, pred)][-1],
-         ("im0.png",)),
+         lambda ws: evaluate(ws, predictions(ws)), ("im0.png",),
+         setup=lambda ws: broken_file(predictions(ws).parent / "data" / "masks" / "im0.png", b"broken")),
     Case("seg-eval-mask-without-prediction", "factorized-seg",
-         lambda ws: [pred := predictions(ws), shutil.copy(ws.masks() / "im0.png", ws.masks() / "extra.png"),
-                     evaluate(ws, pred)][-1],
-         ("no prediction",)),
+         lambda ws: evaluate(ws, predictions(ws)), ("no prediction",),
+         setup=mask_without_prediction),
 ]
 
 CASES: List[Case] = SEG_CASES
@@ -420,6 +471,8 @@ def test_case_ids_are_unique():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_faulty_input(case: Case, tmp_path: Path, trained_run, capsys) -> None:
     ws = Workspace(tmp_path, trained_run)
+    if case.setup is not None:
+        case.setup(ws)
     args = [str(a) for a in case.build(ws)]
     assert args, "the case's build returned no command"
     before = snapshot(ws.root)

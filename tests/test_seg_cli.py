@@ -324,3 +324,27 @@ def test_interrupted_checkpoint_pair_is_repaired_and_temporaries_removed(tmp_pat
     ema = torch.load(run / "checkpoints" / "ema.pt", weights_only=True)
     assert ema["step"] == 2 and all(torch.equal(ema["ema_model"][k], latest["ema_model"][k]) for k in ema["ema_model"])
     assert not list(run.rglob(".tmp-*"))
+
+
+def test_odd_but_valid_images_train_and_segment(tmp_path, capsys):
+    """1x1, mixed sizes, greyscale, RGBA, palette and 16-bit images are accepted; masks come out at each
+    image's own size."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1, 1, 3)).astype(np.uint8)).save(folder / "tiny.png")
+    Image.fromarray(rng.integers(0, 255, (30, 7, 3)).astype(np.uint8)).save(folder / "tall.jpg")
+    Image.fromarray(rng.integers(0, 255, (9, 13)).astype(np.uint8)).save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (10, 10, 4)).astype(np.uint8)).save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (10, 10, 3)).astype(np.uint8)).convert("P").save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 65535, (11, 5)).astype(np.uint16)).save(folder / "deep.png")
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", folder, "--output-dir", run, *TINY_TRAIN, "--max-steps", 1,
+                            "--sample-every", "0"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["segment", "--run", run, "--images", folder, "--output-dir", tmp_path / "seg", "--t", 5,
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    sizes = {p.stem: Image.open(p).size for p in (tmp_path / "seg" / "masks").glob("*.png")}
+    assert sizes == {"tiny": (1, 1), "tall": (7, 30), "grey": (13, 9), "alpha": (10, 10), "palette": (10, 10),
+                     "deep": (5, 11)}
