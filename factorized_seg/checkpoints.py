@@ -15,7 +15,6 @@ import dataclasses
 import os
 import pickle
 import re
-import tempfile
 import types
 import typing
 import warnings
@@ -28,12 +27,12 @@ import torch
 from diffusion_utils.schedule import DiffusionSchedule, DiffusionScheduleConfig
 from factorized_seg.data import SegDataError
 from factorized_seg.model import FactorizedUNet, FactorizedUNetConfig
+from factorized_seg.viz import TEMP_PREFIX, temporary_file
 
 FORMAT = "factorized-seg"
 FORMAT_VERSION = 2
 CHECKPOINT = "checkpoints/latest.pt"
 EMA_WEIGHTS = "checkpoints/ema.pt"
-TEMP_PREFIX = ".tmp-"
 INFERENCE_KEYS = ("model_config", "diffusion", "resolution", "ema_model")
 RESUME_KEYS = INFERENCE_KEYS + ("step", "model", "optimizer", "ema_state", "rng")
 
@@ -108,26 +107,22 @@ def _from_plain(tp: Any, value: Any, where: str) -> Any:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then os.replace: the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt", prefix=TEMP_PREFIX)
-    os.close(fd)
+    tmp = temporary_file(Path(path).parent, ".pt")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
+    tmp = temporary_file(Path(path).parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

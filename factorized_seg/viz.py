@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -54,13 +54,28 @@ def to_uint8(img01: Float[Tensor, "3 height width"]) -> np.ndarray:
     return (img01.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
+TEMP_PREFIX = ".tmp-"
+"""Prefix of the temporaries of atomic writes (a killed writer's leftovers are removed by name)."""
+
+
+def temporary_file(folder: Path, suffix: str = "") -> Path:
+    """A new empty ``.tmp-*`` file in ``folder`` with the usual permissions (the umask applies; tempfile.mkstemp
+    would make every output private to its owner)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
 def atomic_save_image(array: np.ndarray | Image.Image, path: Path) -> None:
     """PIL save to a temp file in the same folder, then os.replace (no half-written PNGs)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = array if isinstance(array, Image.Image) else Image.fromarray(array)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix, prefix=".tmp-")
-    os.close(fd)
+    tmp = temporary_file(path.parent, path.suffix)
     try:
         img.save(tmp)
         os.replace(tmp, path)
@@ -75,9 +90,7 @@ def save_tensor_image(img01: Float[Tensor, "3 height width"], path: Path) -> Non
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz", prefix=".tmp-")
-    os.close(fd)
+    tmp = temporary_file(path.parent, ".npz")
     try:
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)

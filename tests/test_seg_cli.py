@@ -348,3 +348,14 @@ def test_odd_but_valid_images_train_and_segment(tmp_path, capsys):
     sizes = {p.stem: Image.open(p).size for p in (tmp_path / "seg" / "masks").glob("*.png")}
     assert sizes == {"tiny": (1, 1), "tall": (7, 30), "grey": (13, 9), "alpha": (10, 10), "palette": (10, 10),
                      "deep": (5, 11)}
+
+
+def test_outputs_get_ordinary_permissions(trained, tmp_path):
+    """Atomic writes must not leave outputs private to their owner (tempfile.mkstemp's 0600)."""
+    _, _, _, run = trained
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for path in (run / "checkpoints" / "latest.pt", run / "checkpoints" / "ema.pt", run / "config.json",
+                 run / "samples" / "step-0000002.png"):
+        assert path.stat().st_mode & 0o777 == expected, path
