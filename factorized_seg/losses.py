@@ -13,6 +13,11 @@ it on, each aimed at one failure measured on this repo (README, "factorized-seg 
   masks moved by the same transform, on the pixels both views see. A split by pixel lattice, border or image
   centre cannot satisfy it; a split by content can. Only the encoder, middle block and mask generator run on
   the second view.
+- ``mutual_information_loss_mult``: on the same two views, 1 - I(z_a; z_b) / log K, where z_a, z_b are the region
+  of a pixel in view a and of the same scene point in view b and their joint distribution is the mean outer
+  product of the two soft masks (IIC, Ji et al., ICCV 2019). One term that is low only for masks that are
+  confident, balanced over the batch and equivariant: both collapses (one region; uniform soft masks) give
+  I = 0.
 
 ``SegObjective`` is an ``nn.Module`` so that DistributedDataParallel wraps the whole objective (both views) in
 one forward call.
@@ -59,15 +64,23 @@ class MaskLossConfig:
     """Mean per-pixel mask entropy / log K (ours)."""
     equivariance_loss_mult: float = 0.0
     """Mask equivariance between two augmented views of each image (ours)."""
+    mutual_information_loss_mult: float = 0.0
+    """1 - I(z_a; z_b) / log K between the regions of corresponding pixels of the two views (IIC; ours)."""
     equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
     """Transform of the equivariance term."""
 
     @property
     def enabled(self) -> bool:
-        return any(w > 0 for w in (self.balance_loss_mult, self.confidence_loss_mult, self.equivariance_loss_mult))
+        return any(getattr(self, name) > 0 for name in self.WEIGHTS)
+
+    @property
+    def uses_two_views(self) -> bool:
+        return self.equivariance_loss_mult > 0 or self.mutual_information_loss_mult > 0
+
+    WEIGHTS = ("balance_loss_mult", "confidence_loss_mult", "equivariance_loss_mult", "mutual_information_loss_mult")
 
     def validate(self) -> None:
-        for name in ("balance_loss_mult", "confidence_loss_mult", "equivariance_loss_mult"):
+        for name in self.WEIGHTS:
             if getattr(self, name) < 0:
                 raise ValueError(f"--mask-losses.{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         eq = self.equivariance
@@ -122,18 +135,44 @@ def warp(x: Float[Tensor, "batch c height width"], grid: Float[Tensor, "batch he
     return F.grid_sample(x, grid.to(x), mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
+def _moved_and_overlap(
+    masks_a: Tensor, grid: Tensor, weight: Optional[Tensor]
+) -> Tuple[Float[Tensor, "batch k height width"], Float[Tensor, "batch height width"]]:
+    """View a's masks moved onto view b, and the weight of each pixel of view b (1 inside view a, else 0)."""
+    moved = warp(masks_a.float(), grid, padding_mode="zeros")
+    inside = (grid.abs() <= 1.0).all(dim=-1).to(moved)  # (batch, h, w)
+    if weight is not None:
+        inside = inside * weight.to(moved)[:, None, None]
+    return moved, inside
+
+
 def equivariance_error(
     masks_a: Float[Tensor, "batch k height width"], masks_b: Float[Tensor, "batch k height width"],
     grid: Float[Tensor, "batch height width 2"], weight: Optional[Float[Tensor, "batch"]] = None,
 ) -> Float[Tensor, ""]:
     """Mean squared difference between view b's masks and view a's masks moved onto view b, over the pixels of
     view b that lie inside view a (and the samples with non-zero ``weight``)."""
-    moved = warp(masks_a.float(), grid, padding_mode="zeros")
-    inside = (grid.abs() <= 1.0).all(dim=-1).to(moved)  # (batch, h, w)
-    if weight is not None:
-        inside = inside * weight.to(moved)[:, None, None]
+    moved, inside = _moved_and_overlap(masks_a, grid, weight)
     err = (moved - masks_b.float()).pow(2).sum(dim=1)
     return (err * inside).sum() / inside.sum().clamp_min(1.0)
+
+
+def mutual_information_gap(
+    masks_a: Float[Tensor, "batch k height width"], masks_b: Float[Tensor, "batch k height width"],
+    grid: Float[Tensor, "batch height width 2"], weight: Optional[Float[Tensor, "batch"]] = None,
+) -> Float[Tensor, ""]:
+    """1 - I(z_a; z_b) / log K over the overlapping pixels (IIC's objective, symmetrised joint); 0 for
+    confident, balanced, equivariant masks, 1 for one region or uniform soft masks."""
+    k = masks_a.shape[1]
+    if k < 2:
+        return masks_a.new_zeros(())
+    moved, inside = _moved_and_overlap(masks_a, grid, weight)
+    joint = torch.einsum("bihw,bjhw,bhw->ij", moved, masks_b.float(), inside) / inside.sum().clamp_min(1.0)
+    joint = ((joint + joint.T) / 2).clamp_min(1e-8)
+    joint = joint / joint.sum()
+    marginal = joint.sum(dim=1)
+    mi = (joint * (joint.log() - marginal[:, None].log() - marginal[None, :].log())).sum()
+    return 1.0 - mi / math.log(k)
 
 
 class SegObjective(nn.Module):
@@ -166,19 +205,22 @@ class SegObjective(nn.Module):
             loss = loss + cfg.balance_loss_mult * balance
         if cfg.confidence_loss_mult > 0:
             loss = loss + cfg.confidence_loss_mult * entropy
-        if cfg.equivariance_loss_mult > 0:
-            eq = self.equivariance(x0, t, masks, labels, generator)
-            logs["loss/equivariance"] = eq.detach()
-            loss = loss + cfg.equivariance_loss_mult * eq
+        if cfg.uses_two_views:
+            masks_b, grid, weight = self.second_view(x0, t, masks, labels, generator)
+            eq = equivariance_error(masks, masks_b, grid, weight)
+            mi = mutual_information_gap(masks, masks_b, grid, weight)
+            logs.update({"loss/equivariance": eq.detach(), "loss/mutual_information_gap": mi.detach()})
+            loss = loss + cfg.equivariance_loss_mult * eq + cfg.mutual_information_loss_mult * mi
         usage = masks.detach().float().mean(dim=(0, 2, 3))
         for k, u in enumerate(usage):
             logs[f"masks/usage_{k}"] = u
         return loss, logs
 
-    def equivariance(
+    def second_view(
         self, x0: Tensor, t: Tensor, masks_a: Tensor, labels: Optional[Tensor], generator: Optional[torch.Generator]
-    ) -> Tensor:
-        """Masks of a transformed copy of x0 (fresh noise, same t) against view a's masks moved the same way."""
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Masks of a transformed copy of x0 (fresh noise, same t), the grid that maps view b to view a and the
+        per-sample weight (``max_t``)."""
         cfg = self.config.equivariance
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         batch, _, h, w = x0.shape
@@ -190,4 +232,4 @@ class SegObjective(nn.Module):
         if masks_b.shape[1] != masks_a.shape[1]:  # hierarchical: compare the level-1 masks of both views
             raise ValueError("the equivariance term needs a scheme whose output masks are the level-1 masks")
         weight = (t < cfg.max_t).float() if cfg.max_t is not None else None
-        return equivariance_error(masks_a, masks_b, grid, weight)
+        return masks_b, grid, weight

@@ -13,6 +13,7 @@ from factorized_seg.losses import (
     MaskLossConfig,
     SegObjective,
     equivariance_error,
+    mutual_information_gap,
     pixel_entropy,
     random_view_grid,
     usage_balance,
@@ -125,6 +126,21 @@ def test_equivariance_is_zero_for_content_masks_and_positive_for_positional_ones
     assert min(positional) > 10 * content.item() + 0.05
 
 
+def test_mutual_information_gap_is_low_only_for_confident_balanced_equivariant_masks():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(4, 3, 16, 16)
+    x[:, :, 2:10, 3:11] = 1.0  # a bright square covering about a quarter of the image
+    cfg = EquivarianceConfig(flip=True, max_shift=2)
+    grid = random_view_grid(4, 16, 16, cfg, gen)
+    x_b = warp(x, grid)
+    content = mutual_information_gap(_content_masks(x), _content_masks(x_b), grid).item()
+    uniform = torch.full((4, 2, 16, 16), 0.5)
+    one = torch.cat([torch.ones(4, 1, 16, 16), torch.zeros(4, 1, 16, 16)], dim=1)
+    assert content < 0.4  # I(z_a; z_b) = H(foreground share ~ 0.25) = 0.81 bits of 1: gap ~ 0.19
+    assert mutual_information_gap(uniform, uniform, grid).item() == pytest.approx(1.0, abs=1e-4)
+    assert mutual_information_gap(one, one, grid).item() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_objective_without_mask_terms_is_the_papers_denoising_loss():
     torch.manual_seed(0)
     model = FactorizedUNetConfig(**TINY).setup()
@@ -143,10 +159,11 @@ def test_objective_adds_each_enabled_term_and_trains_the_mask_generator():
     schedule = DiffusionScheduleConfig().setup()
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 50, 900])
     noise = torch.randn_like(x)
-    cfg = MaskLossConfig(balance_loss_mult=0.5, confidence_loss_mult=0.25, equivariance_loss_mult=2.0)
+    cfg = MaskLossConfig(balance_loss_mult=0.5, confidence_loss_mult=0.25, equivariance_loss_mult=2.0,
+                         mutual_information_loss_mult=0.5)
     loss, logs = SegObjective(model, schedule, cfg)(x, t, noise, generator=torch.Generator().manual_seed(1))
     expected = (logs["loss/denoise"] + 0.5 * logs["masks/usage_imbalance"] + 0.25 * logs["masks/pixel_entropy"]
-                + 2.0 * logs["loss/equivariance"])
+                + 2.0 * logs["loss/equivariance"] + 0.5 * logs["loss/mutual_information_gap"])
     torch.testing.assert_close(loss.detach(), expected)
     assert logs["loss/equivariance"] > 0
     loss.backward()
