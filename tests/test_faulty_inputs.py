@@ -276,13 +276,6 @@ def checkpoints_finite_and_paired(ws: Workspace) -> None:
     assert not list(ckpts.glob(".tmp-*"))
 
 
-def ema_and_latest_agree(ws: Workspace) -> None:
-    ckpts = ws.root / "run" / "checkpoints"
-    latest = torch.load(ckpts / "latest.pt", weights_only=True)
-    ema = torch.load(ckpts / "ema.pt", weights_only=True)
-    assert latest["step"] == ema["step"] == 2
-
-
 SEG_CASES: List[Case] = [
     # --- train: data
     Case("seg-train-empty-folder", "factorized-seg",
