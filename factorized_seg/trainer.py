@@ -107,6 +107,10 @@ class TrainConfig:
     """Checkpoint every N steps (and always at the end)."""
     resume: bool = False
     """Continue from output_dir/checkpoints/latest.pt (same step, optimiser, EMA and RNG state)."""
+    init_from: Optional[Path] = None
+    """Warm start (ours): a run folder or checkpoint whose weights initialise every tensor of this model with the
+    same name and shape (e.g. the encoder, middle block and decoder of a ``--model.scheme plain`` run; the mask
+    generator then starts fresh). Ignored by --resume, which continues its own run."""
     progress: bool = True
     """Show a progress bar (it/s and ETA)."""
 
@@ -193,6 +197,22 @@ def _resume_mismatch(ckpt: Dict[str, Any], cfg: TrainConfig, model_cfg: Factoriz
     return None
 
 
+def warm_start(model: torch.nn.Module, source: Path) -> int:
+    """Copy the EMA weights of a trained run (or checkpoint) into the tensors of ``model`` with the same names (the
+    rest, e.g. a mask generator the source lacks, keep their initialisation); returns how many were copied. A name
+    both have with different shapes means another architecture: one-line error."""
+    src, _, _ = load_for_inference(Path(source))
+    own = model.state_dict()
+    shared = {k: v for k, v in src.state_dict().items() if k in own}
+    clash = [k for k, v in shared.items() if own[k].shape != v.shape]
+    if clash or not shared:
+        why = f"{clash[0]} is {tuple(shared[clash[0]].shape)} there" if clash else "no weight names in common"
+        raise SegDataError(f"--init-from {source}: another architecture ({why}); warm-start from a run with the same "
+                           "--model.base-channels, --model.channel-mults and --model.num-res-blocks")
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
@@ -276,6 +296,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 2. model, optimiser, EMA
     torch.manual_seed(cfg.seed)
     model = model_cfg.setup().to(device)
+    if ckpt is None and cfg.init_from is not None:
+        warm_start(model, cfg.init_from)  # before the optimiser and the EMA copy are made
     schedule = cfg.diffusion.setup()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)

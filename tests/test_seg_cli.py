@@ -359,3 +359,37 @@ def test_outputs_get_ordinary_permissions(trained, tmp_path):
     for path in (run / "checkpoints" / "latest.pt", run / "checkpoints" / "ema.pt", run / "config.json",
                  run / "samples" / "step-0000002.png"):
         assert path.stat().st_mode & 0o777 == expected, path
+
+
+def test_init_from_a_plain_run_warm_starts_everything_but_the_mask_generator(trained, tmp_path):
+    from factorized_seg.trainer import load_for_inference, warm_start
+    from factorized_seg.model import FactorizedUNetConfig
+
+    root, images, _, _ = trained
+    plain_run = tmp_path / "plain"
+    assert main(["train", "--data", str(images), "--output-dir", str(plain_run), *TINY_TRAIN,
+                 "--model.scheme", "plain", "--sample-every", "0"]) == 0
+    plain, _, _ = load_for_inference(plain_run)
+    torch.manual_seed(0)
+    cfg = FactorizedUNetConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4, num_res_blocks=1,
+                               mid_attention=False)
+    model = cfg.setup()
+    fresh_mask_gen = {k: v.clone() for k, v in model.mask_generator.state_dict().items()}
+    copied = warm_start(model, plain_run)
+    assert copied == len(plain.state_dict())  # every plain weight has a home in the factorized model
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)
+    for name, value in model.mask_generator.state_dict().items():
+        torch.testing.assert_close(value, fresh_mask_gen[name])
+    # and through the CLI: a factorized run started from the plain one trains
+    run = tmp_path / "warm"
+    assert main(["train", "--data", str(images), "--output-dir", str(run), *TINY_TRAIN, "--sample-every", "0",
+                 "--init-from", str(plain_run)]) == 0
+
+
+def test_init_from_an_incompatible_run_is_one_line(trained, tmp_path, capsys):
+    _, images, _, run = trained
+    code, _, err = run_cli(["train", "--data", images, "--output-dir", tmp_path / "wide", *TINY_TRAIN,
+                            "--model.base-channels", "16", "--init-from", run], capsys)
+    assert code == 2 and "--init-from" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "wide").exists()
