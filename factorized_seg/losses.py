@@ -44,6 +44,8 @@ class EquivarianceConfig:
 
     flip: bool = True
     """Random horizontal flips."""
+    vflip: bool = False
+    """Random vertical flips (with horizontal flips and crops, rules out a top / bottom split)."""
     max_shift: int = 3
     """Integer shifts by up to this many pixels in x and y (odd shifts move the stride-2 lattice's phase)."""
     min_scale: float = 1.0
@@ -114,16 +116,17 @@ def random_view_grid(
 ) -> Float[Tensor, "batch height width 2"]:
     """Sampling grid of the second view: view_b(p) = view_a(grid(p)), in ``grid_sample`` coordinates
     (align_corners=False). A flip or an integer shift maps pixel centres exactly onto pixel centres."""
-    r = torch.rand(batch, 5, generator=generator)
+    r = torch.rand(batch, 6, generator=generator)
     scale = cfg.min_scale + (1.0 - cfg.min_scale) * r[:, 0]
     flip = torch.where((r[:, 1] < 0.5) & cfg.flip, -1.0, 1.0)
+    vflip = torch.where((r[:, 4] < 0.5) & cfg.vflip, -1.0, 1.0)
     room = 1.0 - scale  # crop offsets that keep the crop inside the image
     off_x = (2 * r[:, 2] - 1) * room
     off_y = (2 * r[:, 3] - 1) * room
     shifts = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (batch, 2), generator=generator).float()
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0] = flip * scale
-    theta[:, 1, 1] = scale
+    theta[:, 1, 1] = vflip * scale
     theta[:, 0, 2] = off_x + 2.0 * shifts[:, 0] / width
     theta[:, 1, 2] = off_y + 2.0 * shifts[:, 1] / height
     return F.affine_grid(theta, [batch, 1, height, width], align_corners=False)

@@ -74,6 +74,11 @@ class FactorizedUNetConfig:
     """How the decoder passes use the masks. soft: the softmax probabilities (paper). hard (ours): a one-hot
     argmax in the forward pass with the softmax's gradient in the backward pass (straight-through), so a
     region's decoder pass really cannot see the other regions. Segmentation always reads the softmax."""
+    mask_centering: bool = False
+    """Ours: subtract from the mask logits their mean per region over the batch and pixels (running mean at
+    inference, like BatchNorm without scaling). No region can then take every pixel of the batch: collapse to
+    one region is ruled out by construction rather than penalised by a loss whose gradient vanishes once the
+    softmax saturates."""
     mask_resize: Literal["area", "nearest"] = "area"
     """How masks are resized to the coarser skips. area (paper-like): block averages, which turn a period-2 split
     into 1/K one level down. nearest (ours): one pixel per block, so a split must hold at every scale."""
@@ -165,6 +170,24 @@ def straight_through_one_hot(probs: Float[Tensor, "batch k height width"]) -> Fl
     return hard + probs - probs.detach()
 
 
+class LogitCentering(nn.Module):
+    """Logits minus their per-channel mean over batch and pixels; a running mean (momentum 0.1) at inference."""
+
+    def __init__(self, channels: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(channels))
+
+    def forward(self, logits: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
+        if self.training:
+            mean = logits.mean(dim=(0, 2, 3))
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+        else:
+            mean = self.running_mean.to(logits)
+        return logits - mean[None, :, None, None]
+
+
 class FactorizedUNet(nn.Module):
     """eps-prediction network. ``forward(x_t, t, labels) -> DenoiserOutput``."""
 
@@ -182,6 +205,7 @@ class FactorizedUNet(nn.Module):
         k = config.num_regions
         if config.scheme != "plain":
             self.mask_generator = UNetDecoder(trunk, skip_c, mid_c, k)
+            self.mask_centering = LogitCentering(k) if config.mask_centering else None
         if config.scheme == "hierarchical":
             self.submask_generator = UNetDecoder(trunk, skip_c, mid_c, config.num_subregions)
         if config.scheme == "concat":
@@ -217,7 +241,10 @@ class FactorizedUNet(nn.Module):
         self, h_mid: Tensor, skips: Sequence[Tensor], temb: Tensor
     ) -> Float[Tensor, "batch k height width"]:
         """Stage 3: the mask generator's softmax over the K regions."""
-        return self._softmax_masks(self.mask_generator(h_mid, skips, temb))
+        logits = self.mask_generator(h_mid, skips, temb)
+        if self.mask_centering is not None:
+            logits = self.mask_centering(logits)
+        return self._softmax_masks(logits)
 
     def _softmax_masks(self, logits: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
         p = self.config.mask_pool

@@ -187,3 +187,30 @@ def test_negative_weights_are_refused():
     with pytest.raises(ValueError, match="min-scale"):
         MaskLossConfig(equivariance=EquivarianceConfig(min_scale=0)).validate()
     assert math.isclose(usage_balance(torch.ones(1, 1, 2, 2)).item(), 0.0)
+
+
+def test_logit_centering_removes_a_constant_preference_for_one_region():
+    torch.manual_seed(0)
+    model = FactorizedUNetConfig(**TINY, mask_centering=True).setup()
+    with torch.no_grad():
+        model.mask_generator.conv_out.bias.copy_(torch.tensor([8.0, -8.0]))  # a generator that "collapsed"
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    h_mid, skips, temb = model.encode(x, t)
+    logits = model.mask_generator(h_mid, skips, temb)
+    centred = model.mask_centering(logits)
+    torch.testing.assert_close(centred.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    usage = model.masks(h_mid, skips, temb).mean(dim=(0, 2, 3))
+    assert usage.min() > 0.2  # without centering region 0 would hold ~all pixels
+    assert model.mask_centering.running_mean[0] > 0.5  # the running mean followed the batch mean
+    model.eval()  # inference subtracts the running mean, whatever the batch
+    one = model.masks(*model.encode(x[:1], t[:1]))
+    assert torch.isfinite(one).all()
+
+
+def test_vertical_flips_are_drawn_only_when_asked():
+    gen = torch.Generator().manual_seed(0)
+    grids = random_view_grid(64, 4, 4, EquivarianceConfig(flip=False, vflip=True, max_shift=0), gen)
+    rows = grids[:, :, 0, 1]  # y coordinate sampled along the first column
+    assert (rows[:, 0] > rows[:, -1]).any() and (rows[:, 0] < rows[:, -1]).any()
+    grids = random_view_grid(64, 4, 4, EquivarianceConfig(flip=False, vflip=False, max_shift=0), gen)
+    assert (grids[:, 0, 0, 1] < grids[:, -1, 0, 1]).all()
