@@ -95,10 +95,21 @@ class TrainConfig:
     """Where to train (auto: cuda when available)."""
     use_bf16: bool = False
     """bfloat16 autocast on cuda (ignored on CPU)."""
+    use_channels_last: bool = False
+    """Keep the U-Net's weights and inputs in channels_last memory format (NHWC): faster convolutions on recent
+    GPUs, usually slower on CPU. Same model and checkpoints."""
+    use_compile: bool = False
+    """torch.compile the denoiser. Compiling happens once before the first step (on a dummy batch); its time is
+    logged and returned as compile_s, not counted in the step time or in --time-budget-s. On CPU, inductor needs a
+    C++ compiler and takes minutes."""
+    compile_backend: str = "inductor"
+    """torch.compile backend used with --use-compile (aot_eager: capture graphs without generating kernels, to
+    debug)."""
     threads: int = 0
     """torch CPU threads per process (0 = torch's default). Set 1 on a shared machine."""
     log_every: int = 25
-    """Tensorboard scalars every N steps."""
+    """Tensorboard scalars every N steps. On cuda the step never waits for the GPU in between: the loss shown by the
+    progress bar and the non-finite-loss check are read every N steps (and before every checkpoint)."""
     sample_every: int = 500
     """Sample grid (training images + colour-coded masks, and generated images + masks) every N steps; 0 = never."""
     sample_generate_steps: int = 20
@@ -121,6 +132,18 @@ class TrainingDiverged(SegDataError):
 
 def _flag(path: str) -> str:
     return "--" + path.replace("_", "-")
+
+
+def missing_cpp_compiler() -> Optional[str]:
+    """Why inductor cannot generate CPU kernels here (no C++ compiler), or None when it can."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as err:  # inductor raises its own InvalidCxxCompiler; any failure means no CPU kernels
+        first = (str(err).strip() or type(err).__name__).splitlines()[0][:80]
+        return f"torch.compile's inductor backend found no C++ compiler ({first})"
+    return None
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
@@ -173,6 +196,17 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise SegDataError(f"{_flag(path)} must be {want}, got {shown if shown != '' else '(nothing)'}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SegDataError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    if cfg.use_compile:
+        import torch._dynamo  # late: only compiled runs pay for the import
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.compile_backend not in backends:
+            raise SegDataError(f"--compile-backend must be a torch.compile backend ({', '.join(backends)}), got "
+                               f"{cfg.compile_backend!r}")
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        missing = missing_cpp_compiler() if on_cpu and cfg.compile_backend == "inductor" else None
+        if missing:
+            raise SegDataError(f"--use-compile on CPU: {missing}; install g++ (or set CXX) or drop --use-compile")
     check_output_dir(cfg.output_dir)
     for part in (m, cfg.mask_losses):  # the configs' own checks (their messages name the setting)
         try:
@@ -232,6 +266,60 @@ def _nonfinite_anywhere(loss: Tensor, world: int) -> bool:
     return bool(flag.item())
 
 
+def _first_nonfinite_step(first_bad: Tensor, world: int) -> int:
+    """The earliest step (1-based) at which any process saw a non-finite loss, 0 if none: the value of
+    ``first_bad``, which the loop updates on the device without waiting for it. Reading it waits for the GPU."""
+    never = torch.iinfo(torch.long).max
+    flag = torch.where(first_bad > 0, first_bad, never).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    first = int(flag.item())
+    return 0 if first == never else first
+
+
+def images_fit_on(device: torch.device, images: Tensor, share: float = 0.25) -> bool:
+    """True when ``images`` take at most ``share`` of ``device``'s free memory (always True for the CPU)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() <= share * free
+
+
+def augment_batch(
+    x: Float[Tensor, "batch 3 height width"], generator: torch.Generator, cfg: AugmentConfig
+) -> Float[Tensor, "batch 3 height width"]:
+    """``data.augment`` for a batch on any device, with the same random draws from the CPU ``generator`` in the same
+    order (so CPU and GPU runs see the same batches). ``data.augment`` applies its flip with a mask that lives on
+    the CPU, which a CUDA batch cannot use, so the flip is drawn (as ``data.augment`` draws it) and applied here."""
+    x = augment(x, generator, False, cfg.min_crop, cfg.max_shift)
+    if not cfg.flip:
+        return x
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device, non_blocking=True)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def compile_denoiser(model: torch.nn.Module, cfg: TrainConfig, batch: int, device: torch.device,
+                     autocast: Any, num_classes: int) -> float:
+    """``torch.compile`` the model in place (its state-dict keys stay the same) and compile it now: one forward and
+    backward on a zero batch of the training shapes, under the training autocast, with the RNG state restored and
+    the gradients dropped afterwards. Returns the seconds it took."""
+    model.compile(backend=cfg.compile_backend)
+    fmt = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
+    x = torch.zeros(batch, 3, cfg.resolution, cfg.resolution, device=device).contiguous(memory_format=fmt)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device) if num_classes > 0 else None
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with autocast:
+            out = model(x, t, labels)
+        dummy = out.eps.float().mean() + (out.masks.float().mean() if out.masks is not None else 0.0)
+        dummy.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _dist_info() -> Tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -245,7 +333,10 @@ class TrainResult:
     run_dir: Path
     step: int
     train_s: float
+    """Seconds of training in this invocation (compiling not included)."""
     last_loss: float
+    compile_s: float = 0.0
+    """Seconds spent compiling the model before the first step (``--use-compile``; 0 without it)."""
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -267,6 +358,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolution once
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT
     if cfg.resume and not ckpt_path.is_file():
@@ -292,10 +384,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         if mismatch:
             raise SegDataError(mismatch)
     images = load_images(files, cfg.resolution, progress=cfg.progress and rank == 0)
+    # The uint8 images live where the model trains when they fit (one copy now instead of one per step).
+    data_device = device if images_fit_on(device, images) else torch.device("cpu")
+    images = images.to(data_device)
+    if labels is not None:
+        labels = labels.to(data_device)
 
     # 2. model, optimiser, EMA
     torch.manual_seed(cfg.seed)
     model = model_cfg.setup().to(device)
+    if cfg.use_channels_last:  # before the optimiser and EMA copy the parameters: their state follows the layout
+        model = model.to(memory_format=torch.channels_last)
     if ckpt is None and cfg.init_from is not None:
         warm_start(model, cfg.init_from)  # before the optimiser and the EMA copy are made
     schedule = cfg.diffusion.setup()
@@ -316,6 +415,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                                   f"{first})") from None
     last_saved = step if ckpt is not None else None
     ema.to(device)
+    per_rank = cfg.batch_size // world
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_bf16 and device.type == "cuda")
+    compile_s = (compile_denoiser(model, cfg, per_rank, device, autocast, model_cfg.num_classes)
+                 if cfg.use_compile else 0.0)
     objective = SegObjective(model, schedule, cfg.mask_losses)
     ddp = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
 
@@ -331,6 +434,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             {**config_to_dict(cfg), "model": config_to_dict(model_cfg), "classes": classes,
              "num_images": len(files)}, indent=2))
         writer = SummaryWriter(str(out_dir / "tensorboard"))
+        if cfg.use_compile:
+            writer.add_scalar("train/compile_s", compile_s, step)
+            if cfg.progress:
+                tqdm.write(f"compiled the model in {compile_s:.1f} s (not counted in the training time)")
     grid_idx = torch.linspace(0, len(files) - 1, steps=min(8, len(files))).long()
 
     def snapshot() -> Dict[str, Any]:
@@ -363,10 +470,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         return TrainingDiverged(f"training diverged at step {step}: {what}; {kept}; retry with a lower --lr "
                                 f"(now {cfg.lr:g}), e.g. {retry}")
 
+    def check_loss() -> None:
+        """Stop (one line naming the step) if a step since the last check had a non-finite loss (cuda: the flag the
+        loop keeps on the device; on the CPU every step is checked as it happens)."""
+        nonlocal step
+        if check_on_device:
+            bad = _first_nonfinite_step(first_bad, world)
+            if bad:
+                step = bad
+                fail(diverged("the loss is not finite"))
+
     def save_checkpoint() -> None:
         """latest.pt (everything resume needs, EMA weights included), then ema.pt from the same snapshot; never
         with non-finite values (every rank checks its identical copy, so all stop together)."""
         nonlocal last_saved
+        check_loss()
         bad = nonfinite_entries({"model": model.state_dict(), "ema": ema.shadow_params,
                                  "optimizer": opt.state_dict()["state"]})
         if bad:
@@ -401,29 +519,35 @@ def train(cfg: TrainConfig) -> TrainResult:
         if parts:
             atomic_save_image(to_uint8(torch.cat(parts, dim=1)), out_dir / "samples" / f"step-{step:07d}.png")
 
-    # 3. loop
-    per_rank = cfg.batch_size // world
+    # 3. loop. On cuda nothing in a step waits for the GPU (no .item(), no blocking copy): the loss is read, and
+    # the non-finite-loss flag kept on the device is checked, every log_every steps and before anything is saved.
+    # On the CPU reading them is free, so every step is checked exactly.
+    check_on_device = device.type == "cuda"
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss (0 = none)
     start = time.time()
-    last_loss = float("nan")
+    last_loss = torch.full((), float("nan"))
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (cfg.progress and rank == 0),
                unit="step", dynamic_ncols=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.use_bf16 and device.type == "cuda")
+    fmt = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
     ddp.train()
     stop_flag = torch.zeros(1, device=device)
     while step < cfg.max_steps:
         idx = torch.randint(0, len(files), (per_rank,), generator=gen)
-        x0 = to_model_range(images[idx].float().div(255))
-        x0 = augment(x0, gen, cfg.augment.flip, cfg.augment.min_crop, cfg.augment.max_shift).to(device)
-        lab = labels[idx].to(device) if labels is not None else None
-        t = sample_t(schedule, per_rank, cfg.t_power, gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        idx_data = idx.to(data_device, non_blocking=True)
+        x0 = to_model_range(images[idx_data].float().div(255))
+        x0 = augment_batch(x0, gen, cfg.augment).to(device, non_blocking=True).contiguous(memory_format=fmt)
+        lab = labels[idx_data].to(device, non_blocking=True) if labels is not None else None
+        t = sample_t(schedule, per_rank, cfg.t_power, gen).to(device, non_blocking=True)
+        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True).contiguous(memory_format=fmt)
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         with autocast:
             loss, terms = ddp(x0, t, noise, lab, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if _nonfinite_anywhere(loss, world):
+        if check_on_device:
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
+        elif _nonfinite_anywhere(loss, world):
             step += 1  # the step that failed, 1-based like the saved steps
             fail(diverged("the loss is not finite"))
         if cfg.grad_clip > 0:
@@ -431,24 +555,34 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.step()
         ema.step(model.parameters())
         step += 1
-        last_loss = float(loss.detach())
+        last_loss = loss.detach()
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
-        if writer is not None and step % cfg.log_every == 0:
-            writer.add_scalar("train/loss", last_loss, step)
-            writer.add_scalar("train/lr", _lr_at(cfg, step - 1), step)
-            writer.add_scalar("train/images_per_s", (bar.format_dict.get("rate") or 0.0) * per_rank, step)
-            for name, value in terms.items():
-                writer.add_scalar(name, float(value), step)
+        read_now = not check_on_device or step % cfg.log_every == 0
+        if read_now:
+            check_loss()
+            logging = writer is not None and step % cfg.log_every == 0
+            # one transfer for the loss and the logged terms
+            values = torch.stack([last_loss.float(), *(v.float() for v in terms.values() if logging)]).tolist()
+            bar.set_postfix(loss=f"{values[0]:.4f}")
+            if logging:
+                writer.add_scalar("train/loss", values[0], step)
+                writer.add_scalar("train/lr", _lr_at(cfg, step - 1), step)
+                writer.add_scalar("train/images_per_s", (bar.format_dict.get("rate") or 0.0) * per_rank, step)
+                for name, value in zip(terms, values[1:]):
+                    writer.add_scalar(name, value, step)
         if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
+            check_loss()
             save_grid()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             save_checkpoint()
         if cfg.time_budget_s is not None:
-            stop_flag.fill_(float(time.time() - start >= cfg.time_budget_s))
-            if world > 1:
-                dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            if stop_flag.item() > 0:
+            out_of_time = time.time() - start >= cfg.time_budget_s
+            if world > 1:  # every process stops at the same step (on cuda they agree when the loop reads anyway)
+                stop_flag.fill_(float(out_of_time))
+                if read_now:
+                    dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+                out_of_time = read_now and stop_flag.item() > 0
+            if out_of_time:
                 break
     bar.close()
     train_s = time.time() - start
@@ -459,4 +593,5 @@ def train(cfg: TrainConfig) -> TrainResult:
         writer.close()
     if world > 1:
         dist.barrier()
-    return TrainResult(run_dir=out_dir, step=step, train_s=train_s, last_loss=last_loss)
+    return TrainResult(run_dir=out_dir, step=step, train_s=train_s, last_loss=float(last_loss),
+                       compile_s=compile_s)
