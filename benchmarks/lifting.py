@@ -1,18 +1,20 @@
 """gen-lifting quality benchmark: every method gets the same wall-clock training budget on one scene.
 
     python benchmarks/lifting.py --budget-s 600 --scenes lego --methods gen-lifting gen-lifting-ae \
-        grid-gt-poses nerfacto-gt-poses nerfacto-camopt-no-poses
+        gen-lifting-oracle nerfacto-gt-poses nerfacto-camopt-no-poses
 
-Methods
+Methods (every one is a registered nerfstudio method, trained by nerfstudio's Trainer with its callbacks)
   gen-lifting / gen-lifting-ae / gen-lifting-single : this package (poses never seen in training).
   gen-lifting-gpu          : the paper-scale GPU preset (hash-grid field); give it 128x128 views.
-  grid-gt-poses            : the same grid field trained with the true poses (upper bound, same renderer).
+  gen-lifting-oracle / gen-lifting-single-oracle : the same field, sampler and trainer on the true poses (upper
+                             bound; ``ns-train gen-lifting-oracle`` is the same code path).
   nerfacto-gt-poses        : nerfstudio's nerfacto with the true poses (upper bound, CPU-sized).
   nerfacto-camopt-no-poses : nerfacto + its CameraOptimizer (SO3xR3), every training camera starting at one
                              point of the sphere (the "refine-only" peer: poses that carry no information).
 Test metrics: PSNR / SSIM / LPIPS (AlexNet) on held-out views; gen-lifting renders each from the pose it
 predicts for that view, the others from the true test pose. Pose errors: training cameras after aligning
-predicted to true camera centres (rotation about the origin for 360 scenes, similarity for LLFF).
+predicted to true cameras (rotation about the origin for 360 scenes, orientation + similarity for LLFF); held-out
+(``test_*``): every held-out view's predicted pose under the alignment fitted on the training views.
 Prints a table and writes JSON with machine, command and git commit.
 """
 
@@ -34,7 +36,8 @@ from typing import Any, Dict, List
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu")
+GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
+               "gen-lifting-single-oracle")
 
 
 def machine() -> str:
@@ -99,32 +102,24 @@ def is_llff(scene: str) -> bool:
 
 
 def runs_on(method: str, scene: str) -> bool:
-    """gen-lifting-single is for forward-facing (LLFF) scenes, the rest of gen-lifting and nerfacto for 360."""
-    if method == "grid-gt-poses":
-        return True
-    return (method == "gen-lifting-single") == is_llff(scene)
+    """gen-lifting-single(-oracle) is for forward-facing (LLFF) scenes, the rest of gen-lifting and nerfacto for 360."""
+    return method.startswith("gen-lifting-single") == is_llff(scene)
 
 
 def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
     from gen_lifting.datasets import resolve_data
 
     data = resolve_data(scene)
-    if method in GEN_METHODS or method == "grid-gt-poses":
+    if method in GEN_METHODS:
         import method_configs.gen_lifting as specs
 
-        name = method
-        if method == "grid-gt-poses":
-            name = "gen-lifting-single" if is_llff(scene) else "gen-lifting"
-        config = copy.deepcopy(getattr(specs, name.replace("-", "_")).config)
+        config = copy.deepcopy(getattr(specs, method.replace("-", "_")).config)
     elif method.startswith("nerfacto"):
         from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
         from nerfstudio.configs.method_configs import method_configs
         from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
         from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
-        from gen_lifting.lpips_offline import ensure_lpips_weights
-
-        ensure_lpips_weights()  # nerfacto's own LPIPS, offline (the plugin entry point does this when installed)
         config = copy.deepcopy(method_configs["nerfacto"])
         model = config.pipeline.model
         model.camera_optimizer = CameraOptimizerConfig(mode="SO3xR3" if "camopt" in method else "off")
@@ -158,46 +153,35 @@ def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
 
 
 def train(method: str, config, budget_s: float, log_every_s: float):
-    """Train for ``budget_s`` seconds of wall clock (setup excluded); returns the trainer and step count."""
-    import torch.nn.functional as F
+    """Train for ``budget_s`` seconds of wall clock (setup excluded); returns the trainer and step count.
+
+    The loop is nerfstudio's ``Trainer.train`` body for every method (callbacks before and after each
+    ``train_iteration``), stopped by the clock instead of an iteration count, without checkpoints or evaluation.
+    """
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
-    from gen_lifting.model import gather_pixels
+    from gen_lifting.lpips_offline import nerfstudio_models_offline
 
     trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup(test_mode="test")
+    with nerfstudio_models_offline():  # nerfacto builds torchmetrics' LPIPS, which loads AlexNet through torch.hub
+        trainer.setup(test_mode="test")
     pipe = trainer.pipeline
-    oracle = None
-    if method == "grid-gt-poses":  # the same field, fitted with the true poses (benchmark-only code path)
-        gt = pipe.datamanager.train_dataset.cameras.camera_to_worlds.to(pipe.device)
-        oracle = torch.optim.Adam(pipe.model.field.parameters(), lr=config.optimizers["fields"]["optimizer"].lr,
-                                  eps=1e-15)
     start, step, next_log = time.time(), 0, 0.0
     while time.time() - start < budget_s:
-        if oracle is not None:
-            _, batch = pipe.datamanager.next_train(step)
-            rgb = pipe.model.render_pixels(gt[batch["image_idx"]], batch["loss_pixels"])
-            loss = F.mse_loss(rgb, gather_pixels(batch["image"], batch["loss_pixels"]))
-            oracle.zero_grad()
-            loss.backward()
-            oracle.step()
-            metrics: Dict[str, Any] = {}
-        else:
-            for cb in trainer.callbacks:
-                cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-            loss, _, metrics = trainer.train_iteration(step)
-            for cb in trainer.callbacks:
-                cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        for cb in trainer.callbacks:
+            cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        loss, _, metrics = trainer.train_iteration(step)
+        for cb in trainer.callbacks:
+            cb.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
         step += 1
         elapsed = time.time() - start
         if log_every_s > 0 and elapsed >= next_log:
             next_log += log_every_s
             line = f"  [{method}] {elapsed:6.0f}s step {step:6d} loss {float(loss):.4f}"
-            if method in GEN_METHODS:
-                pipe.eval()
-                pe = pipe.evaluate_poses()
-                pipe.train()
+            pe = pipe.evaluate_poses() if method in GEN_METHODS else {}
+            if pe:
                 line += (f" rot_med {pe['rot_err_median_deg']:6.1f} within15 {pe['within_15deg']:.2f}"
+                         f" test_rot_med {pe['test_rot_err_median_deg']:6.1f}"
                          f" usage_entropy {float(metrics.get('candidate_usage_entropy', 0)):.2f}")
             print(line, flush=True)
     return trainer, step, time.time() - start
@@ -213,15 +197,9 @@ def evaluate(method: str, trainer, eval_images: int, scene: Path) -> Dict[str, f
     step = max(1, len(dm.eval_dataset) // n)
     dm.fixed_indices_eval_dataloader = FixedIndicesEvalDataloader(
         input_dataset=dm.eval_dataset, image_indices=tuple(range(0, step * n, step)), device=dm.device)
-    if method == "grid-gt-poses":
-        # true test poses; GenLiftingPipeline's own eval would pose the views with the (untrained) encoder
-        from nerfstudio.pipelines.base_pipeline import VanillaPipeline
-
-        raw = VanillaPipeline.get_average_eval_image_metrics(pipe)
-    else:
-        raw = pipe.get_average_eval_image_metrics()
+    raw = pipe.get_average_eval_image_metrics()
     keep = ("psnr", "ssim", "lpips", "rot_err_median_deg", "rot_err_mean_deg", "within_15deg",
-            "center_angle_err_median_deg")
+            "center_angle_err_median_deg", "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg")
     result = {k: float(raw[k]) for k in keep if k in raw}
     if method == "nerfacto-camopt-no-poses":
         result.update(camera_optimizer_pose_errors(pipe, scene))
@@ -255,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock seconds per method")
     parser.add_argument("--scenes", nargs="+", default=["lego"], help="bundled scene names or paths")
-    parser.add_argument("--methods", nargs="+", default=["gen-lifting", "gen-lifting-ae", "grid-gt-poses"])
+    parser.add_argument("--methods", nargs="+", default=["gen-lifting", "gen-lifting-ae", "gen-lifting-oracle"])
     parser.add_argument("--eval-images", type=int, default=50, help="held-out views evaluated (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="torch seed and the datamanager's batch seed")
@@ -284,12 +262,15 @@ def main() -> None:
                 metrics.update(train_s=train_s, steps=steps)
                 results[scene][method] = metrics
                 print(f"   {json.dumps({k: round(v, 4) for k, v in metrics.items()})}", flush=True)
-    header = f"{'scene':6s} {'method':26s} {'PSNR':>6s} {'SSIM':>6s} {'LPIPS':>6s} {'rot med':>8s} {'<=15deg':>8s} {'steps':>7s}"
+    header = (f"{'scene':6s} {'method':26s} {'PSNR':>6s} {'SSIM':>6s} {'LPIPS':>6s} {'rot med':>8s} {'<=15deg':>8s}"
+              f" {'test rot':>8s} {'<=15deg':>8s} {'steps':>7s}")
     print(header)
+    nan = float("nan")
     for scene, rows in results.items():
         for method, m in rows.items():
             print(f"{scene:6s} {method:26s} {m['psnr']:6.2f} {m['ssim']:6.3f} {m['lpips']:6.3f} "
-                  f"{m.get('rot_err_median_deg', float('nan')):8.1f} {m.get('within_15deg', float('nan')):8.2f} "
+                  f"{m.get('rot_err_median_deg', nan):8.1f} {m.get('within_15deg', nan):8.2f} "
+                  f"{m.get('test_rot_err_median_deg', nan):8.1f} {m.get('test_within_15deg', nan):8.2f} "
                   f"{int(m['steps']):7d}")
     write_result(args.out, commit, budget_s=args.budget_s, seed=args.seed, scenes=results)
 

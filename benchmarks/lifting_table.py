@@ -37,13 +37,21 @@ def rows(paths: List[str]) -> Iterator[Tuple[str, str, str, int, str, Dict]]:
 
 
 def per_file(paths: List[str]) -> None:
-    print("| scene | method | overrides, seed | result file @ commit | steps | PSNR | SSIM | LPIPS | rot. err. median (deg) | within 15 deg |")
+    print("| scene | method | overrides, seed | result file @ commit | steps | PSNR | SSIM | LPIPS "
+          "| rot. err. median (deg), train / held-out | within 15 deg, train / held-out |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for scene, method, sets, seed, source, m in rows(paths):
         note = ", ".join(([sets] if sets else []) + [f"seed {seed}"])
         print(f"| {scene} | {method} | {note} | {source} | {int(m['steps'])} | "
               f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['lpips']:.3f} | "
-              f"{fmt(m.get('rot_err_median_deg'), '.1f')} | {fmt(m.get('within_15deg'), '.2f')} |")
+              f"{pair(m, 'rot_err_median_deg', '.1f')} | {pair(m, 'within_15deg', '.2f')} |")
+
+
+def pair(m: Dict, key: str, spec: str) -> str:
+    """'train / held-out' for a pose metric; files written before held-out pose errors existed show '-' for it."""
+    if m.get(key) is None:
+        return "-"
+    return f"{fmt(m.get(key), spec)} / {fmt(m.get('test_' + key), spec)}"
 
 
 def by_seed(paths: List[str]) -> None:
@@ -57,13 +65,15 @@ def by_seed(paths: List[str]) -> None:
             return "-"
         return " / ".join(format(v, spec) for v in values) + f" (mean {format(statistics.fmean(values), spec)})"
 
-    print("| scene | method | overrides | seeds | rot. err. median (deg) | within 15 deg | PSNR | steps |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| scene | method | overrides | seeds | rot. err. median (deg) | held-out rot. err. median (deg) "
+          "| within 15 deg | PSNR | steps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (scene, method, sets), items in groups.items():
         items.sort(key=lambda item: item[0])
         seeds = ", ".join(str(seed) for seed, _ in items)
         print(f"| {scene} | {method} | {sets or '-'} | {seeds} | {cell(items, 'rot_err_median_deg', '.1f')} | "
-              f"{cell(items, 'within_15deg', '.2f')} | {cell(items, 'psnr', '.2f')} | {cell(items, 'steps', '.0f')} |")
+              f"{cell(items, 'test_rot_err_median_deg', '.1f')} | {cell(items, 'within_15deg', '.2f')} | "
+              f"{cell(items, 'psnr', '.2f')} | {cell(items, 'steps', '.0f')} |")
 
 
 def main() -> None:

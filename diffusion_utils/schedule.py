@@ -30,6 +30,15 @@ class DiffusionScheduleConfig:
     """Smallest noise variance beta_1 of the linear schedule."""
     beta_end: float = 0.02
     """Largest noise variance beta_T of the linear schedule."""
+    scale_betas_to_num_timesteps: bool = False
+    """Multiply ``beta_start`` and ``beta_end`` by 1000 / T (improved-diffusion's linear schedule for T != 1000), so
+    that a short schedule still ends near pure noise (T = 100: betas 1e-3 .. 0.2, alpha_bar_T = 2e-5). Off: the betas
+    as given (T = 100 then ends at alpha_bar_T = 0.36). For T = 1000 both are the same."""
+
+    def betas_range(self) -> tuple[float, float]:
+        """(beta_start, beta_end) actually used, after the optional 1000 / T scaling."""
+        scale = 1000.0 / self.num_timesteps if self.scale_betas_to_num_timesteps else 1.0
+        return self.beta_start * scale, self.beta_end * scale
 
     def setup(self) -> "DiffusionSchedule":
         return DiffusionSchedule(self)
@@ -48,10 +57,14 @@ class DiffusionSchedule:
         if config.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {config.num_timesteps}")
         self.config = config
+        beta_start, beta_end = config.betas_range()
+        if beta_end >= 1.0:
+            raise ValueError(f"beta_end scaled by 1000 / T = {beta_end:g} must stay below 1 (T = {config.num_timesteps}); "
+                             "use more timesteps or a smaller beta_end")
         self.scheduler = DDPMScheduler(
             num_train_timesteps=config.num_timesteps,
-            beta_start=config.beta_start,
-            beta_end=config.beta_end,
+            beta_start=beta_start,
+            beta_end=beta_end,
             beta_schedule="linear",
             clip_sample=False,
         )

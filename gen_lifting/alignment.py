@@ -62,19 +62,35 @@ def fit_orientation_alignment(
     return rotation, translation, scale
 
 
-def align_cameras(
+Alignment = Tuple[Float[Tensor, "3 3"], Float[Tensor, "3"], Float[Tensor, ""]]
+"""(R, t, s): a point x of the predicted frame is s R x + t in the ground-truth frame."""
+
+
+def fit_camera_alignment(
     pred_c2w: Float[Tensor, "num_cams rows 4"], gt_c2w: Float[Tensor, "num_cams rows 4"], mode: AlignMode = "similarity"
-) -> Float[Tensor, "num_cams 3 4"]:
-    """Predicted cameras expressed in the ground-truth frame (fitted on camera centres, or on orientations
-    with ``mode="orientation"``)."""
+) -> Alignment:
+    """The transform taking predicted cameras onto ground truth: fitted on camera centres, or on orientations with
+    ``mode="orientation"``."""
     pred, gt = pred_c2w[:, :3, :4], gt_c2w[:, :3, :4]
     if mode == "orientation":
-        rotation, translation, scale = fit_orientation_alignment(pred, gt)
-    else:
-        rotation, translation, scale = fit_alignment(pred[:, :, 3], gt[:, :, 3], mode)
+        return fit_orientation_alignment(pred, gt)
+    return fit_alignment(pred[:, :, 3], gt[:, :, 3], mode)
+
+
+def apply_alignment(pred_c2w: Float[Tensor, "num_cams rows 4"], alignment: Alignment) -> Float[Tensor, "num_cams 3 4"]:
+    """Predicted cameras expressed in the ground-truth frame."""
+    rotation, translation, scale = alignment
+    pred = pred_c2w[:, :3, :4]
     rotations = rotation @ pred[:, :, :3]
     centers = scale * pred[:, :, 3] @ rotation.T + translation
     return torch.cat([rotations, centers[:, :, None]], dim=2)
+
+
+def align_cameras(
+    pred_c2w: Float[Tensor, "num_cams rows 4"], gt_c2w: Float[Tensor, "num_cams rows 4"], mode: AlignMode = "similarity"
+) -> Float[Tensor, "num_cams 3 4"]:
+    """Predicted cameras expressed in the ground-truth frame, with the alignment fitted on these same cameras."""
+    return apply_alignment(pred_c2w, fit_camera_alignment(pred_c2w, gt_c2w, mode))
 
 
 def _mean_median(prefix: str, values: Tensor) -> Dict[str, float]:
@@ -87,15 +103,20 @@ def pose_errors(
     mode: AlignMode = "similarity",
     threshold_deg: float = 15.0,
     scene_center: Optional[Float[Tensor, "3"]] = None,
+    alignment: Optional[Alignment] = None,
 ) -> Dict[str, float]:
     """Errors after alignment: rotation geodesic angle, share within ``threshold_deg``, camera-centre errors.
 
+    The alignment is fitted on these cameras (``mode``) unless ``alignment`` is given: held-out views are scored with
+    the transform fitted on the training views (``fit_camera_alignment``), so nothing is fitted on what is judged.
     Keys: rot_err_mean_deg, rot_err_median_deg, within_{threshold}deg (e.g. within_15deg), center_angle_err_mean_deg
     / _median_deg (angle between aligned and true centre seen from ``scene_center``, default the origin), and
     center_dist_mean / _median (in ground-truth units).
     """
     pred, gt = pred_c2w.double(), gt_c2w.double()[:, :3, :4]
-    aligned = align_cameras(pred, gt, mode)
+    if alignment is None:
+        alignment = fit_camera_alignment(pred, gt, mode)
+    aligned = apply_alignment(pred, tuple(x.to(pred) for x in alignment))
     rot_err = torch.rad2deg(roma.rotmat_geodesic_distance(aligned[:, :, :3], gt[:, :, :3]))
     center = torch.zeros(3, dtype=torch.float64, device=pred.device) if scene_center is None else scene_center.to(pred)
     pred_dir, gt_dir = aligned[:, :, 3] - center, gt[:, :, 3] - center

@@ -3,18 +3,28 @@
 Every ``next_train`` returns a batch of whole images: the clean image x_0 (kept for the photometric loss),
 its noisy copy x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for the pose encoder, t, and random pixel
 coordinates for candidate scoring and for the loss. Ground-truth camera poses never enter a training batch:
-only the (shared) intrinsics of the training cameras are read; poses feed evaluation alone.
+only the (shared) intrinsics of the training cameras are read; poses feed evaluation alone (and the true-pose
+upper bound ``gen-lifting-oracle``, which sets ``use_dataset_poses``).
+
+The datasets' cameras are what nerfstudio's tools read (viewer frusta, ``ns-render``). Their dataset poses are
+copied aside for evaluation (``dataset_camera_to_worlds``) and every camera is tagged with its view
+(``VIEW_KEY``), so that the pipeline can put the model's predicted poses in their place and the model can render a
+dataset camera from the pose it predicts for that photo (see ``GenLiftingPipeline.show_predicted_poses``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple, Type
+from functools import cached_property
+from typing import Dict, Literal, Optional, Tuple, Type
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 from jaxtyping import Float, Int
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.data.pixel_samplers import PixelSamplerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
@@ -22,6 +32,10 @@ from torch import Tensor
 from diffusion_utils.schedule import DiffusionScheduleConfig, to_model_range
 from gen_lifting.data_checks import SceneDataError, validate_scene
 from gen_lifting.datasets import DataNotFoundError, resolve_data
+
+VIEW_KEY = "gen_lifting_view"
+"""Cameras metadata key: per camera (split code, image index), split codes in ``SPLIT_CODES``."""
+SPLIT_CODES: Dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass
@@ -45,17 +59,24 @@ class GenLiftingDataManagerConfig(VanillaDataManagerConfig):
     """Pixels per image rendered from the winning candidate with gradients (the photometric loss)."""
     score_pixels_per_image: int = 64
     """Pixels per image rendered from every candidate, without gradients, to pick the winner."""
-    diffusion: DiffusionScheduleConfig = field(default_factory=lambda: DiffusionScheduleConfig(num_timesteps=100))
-    """Forward noising process (paper: T = 100, linear betas 1e-4..0.02)."""
+    diffusion: DiffusionScheduleConfig = field(
+        default_factory=lambda: DiffusionScheduleConfig(num_timesteps=100, scale_betas_to_num_timesteps=True))
+    """Forward noising process. Paper: T = 100 steps from the image to noise. The linear betas 1e-4..0.02 are scaled
+    by 1000 / T, so t = T - 1 is nearly pure noise (alpha_bar = 2e-5); setting ``scale-betas-to-num-timesteps`` to
+    False gives the unscaled schedule, whose noisiest input still has alpha_bar = 0.36."""
     use_diffusion_noise: bool = True
     """Noise the encoder's input. False gives the clean-image autoencoder ablation (gen-lifting-ae)."""
     noise_warmup_steps: int = 0
     """Curriculum over t: the largest t drawn grows linearly from 1 to T over these steps (0 = paper:
     t ~ U{0..T-1} from the start)."""
-    eval_timestep: int = 2
-    """Noise level t at which unseen images are posed (ignored without diffusion noise)."""
+    eval_timestep: int = 0
+    """Noise level t at which unseen images are posed (ignored without diffusion noise; t = 0 of the scaled schedule
+    adds noise of std 0.03 in [-1, 1])."""
     seed: int = 0
-    """Seed of the batch sampler (images, t, noise, pixels)."""
+    """Seed of the batch sampler (images, t, noise, pixels); each process of a multi-GPU run draws its own stream."""
+    use_dataset_poses: bool = False
+    """Train on the dataset's camera poses instead of predicting them: the true-pose upper bound (gen-lifting-oracle),
+    with the same field, sampler and trainer. Off for gen-lifting, whose training never reads a pose."""
 
 
 class GenLiftingDataManager(VanillaDataManager):
@@ -73,18 +94,60 @@ class GenLiftingDataManager(VanillaDataManager):
             raise SystemExit(f"error: {err}") from None
         config = replace(config, data=path, dataparser=replace(config.dataparser, data=path))
         self.schedule = config.diffusion.setup()
+        self._dataset_c2w: Dict[str, Tensor] = {}  # filled while the parent builds the datasets
         super().__init__(config, *args, **kwargs)
 
+    # ----------------------------------------------------------------------------------- datasets and cameras
+    def create_train_dataset(self) -> InputDataset:
+        return self._prepare_cameras(super().create_train_dataset(), "train")
+
+    def create_eval_dataset(self) -> InputDataset:
+        return self._prepare_cameras(super().create_eval_dataset(), self.test_split)
+
+    def _prepare_cameras(self, dataset: InputDataset, split: str) -> InputDataset:
+        """Keep the dataset poses aside for evaluation and tag each camera with its view; float32 intrinsics.
+
+        float32: nerfstudio's blender parser gives float64 focal lengths next to float32 poses, and its spiral camera
+        path (``ns-render spiral``) then fails in ``viewmatrix`` with mixed dtypes.
+        """
+        cams = dataset.cameras
+        for name in ("fx", "fy", "cx", "cy"):
+            setattr(cams, name, getattr(cams, name).float())
+        self._dataset_c2w["train" if split == "train" else "eval"] = cams.camera_to_worlds.clone()
+        if not self.config.use_dataset_poses:  # the oracle's cameras are its true poses: nothing to replace
+            views = torch.stack([torch.full((len(cams),), SPLIT_CODES[split]), torch.arange(len(cams))], dim=-1)
+            cams.metadata = {**(cams.metadata or {}), VIEW_KEY: views}
+        return dataset
+
+    def dataset_camera_to_worlds(self, split: Literal["train", "eval"]) -> Float[Tensor, "num_images 3 4"]:
+        """The poses the dataset files give (ground truth): for evaluation and ``use_dataset_poses`` only."""
+        return self._dataset_c2w[split].to(self.device)
+
+    # ----------------------------------------------------------------------------------- images
     def setup_train(self) -> None:
-        """Load every training image into one [num_images, height, width, 3] tensor (no pose is read)."""
-        assert self.train_dataset is not None
+        """Cache the training images and start this process's batch stream (no pose is read)."""
         CONSOLE.print("Caching training images...")
+        assert self.train_images.shape[0] == len(self.train_dataset)
+        self.generator = self._generator(stream=0, index=self._rank())
+
+    @cached_property
+    def train_images(self) -> Float[Tensor, "num_images height width 3"]:
+        """Every training image in one tensor (loaded on first use: ``ns-render`` builds datamanagers without setup)."""
+        assert self.train_dataset is not None
         images = [self.train_dataset.get_image_float32(i)[..., :3] for i in range(len(self.train_dataset))]
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) != 1:
             raise ValueError(f"gen-lifting needs training images of one size, found {sorted(shapes)}; resize them")
-        self.train_images: Float[Tensor, "num_images height width 3"] = torch.stack(images).to(self.device)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.stack(images).to(self.device)
+
+    def _rank(self) -> int:
+        """Global rank of this process (``local_rank`` alone repeats on every machine of a multi-machine run)."""
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else self.local_rank
+
+    def _generator(self, stream: int, index: int) -> torch.Generator:
+        """An independent random stream per (seed, stream, index): training per rank, evaluation per step."""
+        seed = np.random.SeedSequence([self.config.seed, stream, index]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
 
     def get_train_rays_per_batch(self) -> int:
         """Rays rendered with gradients per step (the winner's loss pixels); used for nerfstudio's rays/s."""
@@ -99,17 +162,21 @@ class GenLiftingDataManager(VanillaDataManager):
 
     def encoder_input(
         self, images: Float[Tensor, "batch height width 3"], t: Int[Tensor, "batch"],
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, noise: Optional[Float[Tensor, "batch 3 height width"]] = None,
     ) -> Tuple[Float[Tensor, "batch 3 height width"], Int[Tensor, "batch"]]:
-        """x_t in [-1, 1], channels first, and the t actually used (0 without diffusion noise)."""
+        """x_t in [-1, 1], channels first, and the t actually used (0 without diffusion noise); the noise is drawn
+        with ``generator`` unless given."""
         x0 = to_model_range(images.permute(0, 3, 1, 2))
         if not self.config.use_diffusion_noise:
             return x0, torch.zeros_like(t)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        return self.schedule.add_noise(x0, t, noise), t
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator)
+        return self.schedule.add_noise(x0, t, noise.to(x0)), t
 
-    def _random_pixels(self, batch: int, count: int, height: int, width: int) -> Int[Tensor, "batch count 2"]:
-        flat = torch.randint(0, height * width, (batch, count), generator=self.generator)
+    def _random_pixels(
+        self, batch: int, count: int, height: int, width: int, generator: torch.Generator
+    ) -> Int[Tensor, "batch count 2"]:
+        flat = torch.randint(0, height * width, (batch, count), generator=generator)
         return torch.stack([flat // width, flat % width], dim=-1).to(self.device)
 
     def t_max(self, step: int) -> int:
@@ -117,40 +184,47 @@ class GenLiftingDataManager(VanillaDataManager):
         total, warm = self.schedule.num_timesteps, self.config.noise_warmup_steps
         return total if warm <= 0 else max(1, min(total, int(total * step / warm) + 1))
 
-    def sample_batch(self, images: Float[Tensor, "num_images height width 3"], batch: int,
+    def sample_batch(self, images: Float[Tensor, "num_images height width 3"], batch: int, generator: torch.Generator,
                      t: Optional[Int[Tensor, "batch"]] = None, step: Optional[int] = None) -> Dict[str, Tensor]:
-        """One training-style batch drawn from ``images`` (t from the curriculum at ``step`` unless given)."""
+        """One training-style batch drawn from ``images`` with ``generator`` (t from the curriculum at ``step``
+        unless given)."""
         n, h, w, _ = images.shape
-        idx = torch.randint(0, n, (batch,), generator=self.generator).to(self.device)
+        idx = torch.randint(0, n, (batch,), generator=generator).to(self.device)
         if t is None:
             t_max = self.t_max(step) if step is not None else None
-            t = self.schedule.sample_timesteps(batch, generator=self.generator, t_max=t_max)
+            t = self.schedule.sample_timesteps(batch, generator=generator, t_max=t_max)
         t = t.to(self.device)
         clean = images[idx]
-        x_t, t_used = self.encoder_input(clean, t, self.generator)
+        x_t, t_used = self.encoder_input(clean, t, generator)
         return {
             "image_idx": idx,
             "image": clean,
             "x_t": x_t,
             "t": t_used,
-            "loss_pixels": self._random_pixels(batch, self.config.loss_pixels_per_image, h, w),
-            "score_pixels": self._random_pixels(batch, self.config.score_pixels_per_image, h, w),
+            "loss_pixels": self._random_pixels(batch, self.config.loss_pixels_per_image, h, w, generator),
+            "score_pixels": self._random_pixels(batch, self.config.score_pixels_per_image, h, w, generator),
         }
 
     def next_train(self, step: int) -> Tuple[None, Dict[str, Tensor]]:  # type: ignore[override]
         self.train_count += 1
-        return None, self.sample_batch(self.train_images, self.config.images_per_batch, step=step)
+        batch = self.sample_batch(self.train_images, self.config.images_per_batch, self.generator, step=step)
+        if self.config.use_dataset_poses:
+            batch["camera_to_worlds"] = self.dataset_camera_to_worlds("train")[batch["image_idx"]]
+        return None, batch
 
+    @cached_property
     def eval_images(self) -> Float[Tensor, "num_images height width 3"]:
-        """Held-out images (cached on first use)."""
-        if not hasattr(self, "_eval_images"):
-            ims = [self.eval_dataset.get_image_float32(i)[..., :3] for i in range(len(self.eval_dataset))]
-            self._eval_images = torch.stack(ims).to(self.device)
-        return self._eval_images
+        """Held-out images (loaded on first use)."""
+        ims = [self.eval_dataset.get_image_float32(i)[..., :3] for i in range(len(self.eval_dataset))]
+        return torch.stack(ims).to(self.device)
 
     def next_eval_batch(self, step: int) -> Dict[str, Tensor]:
-        """A training-style batch of held-out images at the evaluation noise level."""
+        """A training-style batch of held-out images at the evaluation noise level, from a stream of its own (seeded
+        by ``step``): evaluating never shifts the training batches."""
         self.eval_count += 1
         b = self.config.images_per_batch
         t = torch.full((b,), self.config.eval_timestep, dtype=torch.long)
-        return self.sample_batch(self.eval_images(), b, t=t)
+        batch = self.sample_batch(self.eval_images, b, self._generator(stream=1, index=step), t=t)
+        if self.config.use_dataset_poses:
+            batch["camera_to_worlds"] = self.dataset_camera_to_worlds("eval")[batch["image_idx"]]
+        return batch

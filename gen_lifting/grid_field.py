@@ -53,7 +53,10 @@ class GridField(Field):
         r = config.resolution
         self.density_grid = nn.Parameter(torch.randn(1, 1, r, r, r) * config.init_std)
         self.color_grid = nn.Parameter(torch.randn(1, 3, r, r, r) * config.init_std)
-        self.effective_resolution = r if config.coarse_to_fine_steps <= 0 else config.coarse_resolution
+        # A buffer, not a plain attribute: the checkpoint carries the schedule's position, so a loaded run renders
+        # at the resolution it was trained to (ns-eval, ns-render and the viewer never run training callbacks).
+        start = r if config.coarse_to_fine_steps <= 0 else config.coarse_resolution
+        self.register_buffer("effective_resolution", torch.tensor(start, dtype=torch.long))
 
     def set_step(self, step: int) -> None:
         """Coarse-to-fine schedule of the effective resolution (a training callback calls this)."""
@@ -62,12 +65,13 @@ class GridField(Field):
             return
         frac = min(1.0, step / cfg.coarse_to_fine_steps)
         res = cfg.coarse_resolution * (cfg.resolution / cfg.coarse_resolution) ** frac
-        self.effective_resolution = int(round(min(res, cfg.resolution)))
+        self.effective_resolution.fill_(int(round(min(res, cfg.resolution))))
 
     def _sample(self, grid: Tensor, positions: Float[Tensor, "*bs 3"]) -> Tensor:
         """Trilinear lookup; positions outside the box read zeros (padding)."""
-        if self.effective_resolution < grid.shape[-1]:
-            size = (self.effective_resolution,) * 3  # a coarse view of the same parameters
+        resolution = int(self.effective_resolution)
+        if resolution < grid.shape[-1]:
+            size = (resolution,) * 3  # a coarse view of the same parameters
             grid = F.interpolate(grid, size=size, mode="trilinear", align_corners=True)
         unit = SceneBox.get_normalized_positions(positions, self.aabb) * 2.0 - 1.0  # [-1, 1]
         flat = unit.reshape(1, -1, 1, 1, 3)

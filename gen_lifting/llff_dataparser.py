@@ -1,10 +1,17 @@
 """LLFF (``poses_bounds.npy`` + ``images_N/``) dataparser for forward-facing scenes such as fern.
 
-nerfstudio 1.1.5 has no LLFF parser. This one follows the original NeRF loader (load_llff.py): poses are
-converted from LLFF's [down, right, back] camera axes to OpenGL/nerfstudio [right, up, back], recentred on
-the average pose, and scaled so that the nearest depth bound becomes ``1 / bd_factor``; every
-``test_every``-th image is held out. Ground-truth poses feed evaluation only (the gen-lifting model never
-reads them).
+nerfstudio 1.1.5 has no LLFF parser. This one reads the images, the intrinsics (the focal length of
+``poses_bounds.npy``; gen-lifting assumes known intrinsics, as the paper does) and the dataset poses; every
+``test_every``-th image is held out.
+
+Nothing derived from the dataset poses or their depth bounds shapes training: the scene box and the near/far
+planes come from flags, a prior the user states in the units of the reconstruction (``near_plane``,
+``far_plane``, ``camera_spread``; the box is the frustum of a reference camera at the origin looking down -z,
+where gen-lifting-single's cameras start). The dataset poses themselves (which gen-lifting never reads; they feed
+evaluation and the true-pose upper bound gen-lifting-single-oracle) follow the original NeRF loader
+(load_llff.py): converted from LLFF's [down, right, back] camera axes to OpenGL/nerfstudio [right, up, back],
+recentred on the average pose, and scaled so that the nearest depth bound becomes ``1 / bd_factor``, which puts
+them in a frame where the same prior holds.
 """
 
 from __future__ import annotations
@@ -40,10 +47,19 @@ class LLFFDataParserConfig(DataParserConfig):
     """Which stored image folder to read: images_{N}; 1 reads images/."""
     downscale_factor: int = 1
     """Extra on-the-fly downscale of that folder (resized copies are cached, --data is never written)."""
+    near_plane: float = 1.0
+    """Nearest depth of the scene in front of the cameras (a prior you state; with ``far_plane`` it fixes the scene
+    box and the scale of the reconstruction). 1 fits LLFF scenes normalised as ``bd_factor`` does."""
+    far_plane: float = 7.0
+    """Farthest depth of the scene in front of the cameras (a prior you state, same units as ``near_plane``)."""
+    camera_spread: float = 0.5
+    """How far the cameras may sit from the reference camera (same units): the scene box is the reference camera's
+    frustum between the near and far planes, widened by this on every side."""
     recenter: bool = True
-    """Recentre poses on the average camera pose (original NeRF)."""
+    """Recentre the dataset poses on their average pose (original NeRF; evaluation and the oracle only)."""
     bd_factor: Optional[float] = 0.75
-    """Scale the scene so the nearest depth bound becomes 1/bd_factor (original NeRF); None: keep scale."""
+    """Scale the dataset poses so the nearest depth bound becomes 1/bd_factor (original NeRF; evaluation and the
+    oracle only); None: keep scale."""
     test_every: int = 8
     """Images 0, N, 2N, ... are the test/val split (LLFF convention); the rest are train."""
 
@@ -79,6 +95,8 @@ class LLFFDataParser(DataParser):
         cfg = self.config
         if cfg.test_every < 2 or cfg.downscale_factor < 1:
             raise SceneDataError("--test-every must be >= 2 and --downscale-factor >= 1")
+        if not 0 < cfg.near_plane < cfg.far_plane or cfg.camera_spread < 0:
+            raise SceneDataError("need 0 < --near-plane < --far-plane and --camera-spread >= 0 (the scene's depth prior)")
         root = resolve_data(cfg.data)
         poses_bounds = _load_poses_bounds(root)
         files = _image_files(root, cfg.images_downscale, expected=len(poses_bounds))
@@ -88,30 +106,30 @@ class LLFFDataParser(DataParser):
 
         poses = llff_to_opengl(poses_bounds[:, :15].reshape(-1, 3, 5)[:, :, :4])
         full_h, full_w, full_focal = poses_bounds[0, :15].reshape(3, 5)[:, 4]
-        bounds = poses_bounds[:, 15:17].copy()
+        # the dataset poses' frame (evaluation and the oracle only; training reads none of this)
         transform = np.linalg.inv(_to4x4(average_pose(poses)))[:3] if cfg.recenter else np.eye(4)[:3]
         poses = transform @ _to4x4(poses)
-        scale = 1.0 if cfg.bd_factor is None else 1.0 / (bounds.min() * cfg.bd_factor)
+        scale = 1.0 if cfg.bd_factor is None else 1.0 / (poses_bounds[:, 15:17].min() * cfg.bd_factor)
         poses[:, :, 3] *= scale
-        bounds *= scale
 
         indices = np.arange(len(poses))
         test = indices[:: cfg.test_every]
         chosen = test if split in ("val", "test") else np.setdiff1d(indices, test)
         c2w = torch.from_numpy(poses).float()
         fx, fy = full_focal * width / full_w, full_focal * height / full_h
-        near, far = float(bounds.min() * 0.9), float(bounds.max())
         cameras = Cameras(
             camera_to_worlds=c2w[chosen], fx=float(fx), fy=float(fy), cx=width / 2.0, cy=height / 2.0,
             width=width, height=height, camera_type=CameraType.PERSPECTIVE,
         )
+        reference = torch.eye(4)[None, :3]  # the prior's camera: at the origin, looking down -z
+        box = _frustum_aabb(reference, fx, fy, width, height, cfg.near_plane, cfg.far_plane)
         return DataparserOutputs(
             image_filenames=[files[i] for i in chosen],
             cameras=cameras,
-            scene_box=SceneBox(aabb=_frustum_aabb(c2w, fx, fy, width, height, near, far)),
+            scene_box=SceneBox(aabb=box + torch.tensor([[-1.0], [1.0]]) * cfg.camera_spread),
             dataparser_transform=torch.from_numpy(transform).float(),
             dataparser_scale=float(scale),
-            metadata={"near_plane": near, "far_plane": far, "bounds": torch.from_numpy(bounds[chosen]).float()},
+            metadata={"near_plane": cfg.near_plane, "far_plane": cfg.far_plane},
         )
 
 
@@ -159,7 +177,7 @@ def _downscaled_copies(files: List[Path], factor: int) -> List[Path]:
 def _frustum_aabb(
     c2w: Float[torch.Tensor, "num_images 3 4"], fx: float, fy: float, width: int, height: int, near: float, far: float
 ) -> Float[torch.Tensor, "2 3"]:
-    """Axis-aligned box around every camera's view frustum between the near and far bounds."""
+    """Axis-aligned box around every camera's view frustum between the near and far planes."""
     corners = torch.tensor(
         [[sx * width / (2 * fx), sy * height / (2 * fy), -1.0] for sx in (-1, 1) for sy in (-1, 1)],
         dtype=c2w.dtype,

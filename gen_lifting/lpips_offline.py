@@ -1,11 +1,16 @@
-"""LPIPS (AlexNet) that works offline, from the vendored ``weights/lpips_alexnet.npz``.
+"""LPIPS (AlexNet) that works offline, from the vendored ``weights/lpips_alexnet.npz``, without touching torch.hub.
 
-torchmetrics' LPIPS builds ``torchvision.models.alexnet(weights=DEFAULT)``, which reads
-``<torch hub dir>/checkpoints/alexnet-owt-7be5be79.pth`` and downloads it when missing (URLError offline).
-Every nerfstudio model builds one in ``populate_modules``. We rebuild that file from the npz (the real
-torchvision AlexNet ``features.*`` conv weights) in a project-owned hub dir, and point torch.hub there only
-when the user's own hub cache lacks it. The LPIPS linear heads ship inside torchmetrics
-(``functional/image/lpips_models/alex.pth``) and equal the npz ``lin*`` (checked in tests).
+torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` builds ``torchvision.models.alexnet(weights=DEFAULT)``, which
+reads ``<torch hub dir>/checkpoints/alexnet-owt-7be5be79.pth`` and downloads it when missing (URLError offline).
+``make_lpips`` builds the same torchmetrics network (``_NoTrainLpips``, AlexNet v0.1, its linear heads from the
+file torchmetrics ships) with a randomly initialised AlexNet, then loads the real torchvision AlexNet ``features.*``
+weights from the npz into it: no download, no hub dir, nothing written, nothing changed for the rest of the process.
+The npz ``lin*`` equal torchmetrics' heads (checked in tests). ``_NoTrainLpips`` is torchmetrics-private (pinned
+1.9.0): its public class offers no way to skip the torchvision download.
+
+``nerfstudio_models_offline`` is for running nerfstudio's *own* models (the nerfacto baselines of
+``benchmarks/lifting.py``) offline: they construct the public class, so inside that context only, torch.hub points
+at a project-owned folder holding a torchvision-layout AlexNet checkpoint built from the npz.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor, nn
 
 from gen_lifting.compat import project_cache_dir
 
@@ -35,15 +42,38 @@ _CLASSIFIER_SHAPES = {
 }
 
 
-def project_hub_dir() -> Path:
-    """The torch.hub dir this package owns (``<project cache>/torch_hub``)."""
-    return project_cache_dir() / "torch_hub"
-
-
 def load_npz_weights(prefix: str = "") -> Dict[str, torch.Tensor]:
     """Tensors from the vendored npz whose names start with ``prefix`` (``features.`` or ``lin``)."""
     with np.load(LPIPS_NPZ) as npz:
         return {k: torch.from_numpy(npz[k].copy()) for k in npz.files if k.startswith(prefix)}
+
+
+class OfflineLPIPS(nn.Module):
+    """LPIPS(net='alex', v0.1) of images in [0, 1], [batch, 3, H, W]; returns the batch mean, as torchmetrics'
+    ``LearnedPerceptualImagePatchSimilarity(net_type='alex', normalize=True)`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+        self.net = _NoTrainLpips(net="alex", pnet_rand=True)  # random AlexNet (no download), torchmetrics' heads
+        features = load_npz_weights("features.")
+        backbone = self.net.net  # slice1..slice5 keep torchvision's `features` indices: slice2.3 is features.3
+        with torch.no_grad():
+            for name, param in backbone.named_parameters():
+                param.copy_(features[f"features.{name.split('.', 1)[1]}"])
+
+    def forward(
+        self, img1: Float[Tensor, "batch 3 height width"], img2: Float[Tensor, "batch 3 height width"]
+    ) -> Float[Tensor, ""]:
+        from torchmetrics.functional.image.lpips import _lpips_update
+
+        return _lpips_update(img1, img2, net=self.net, normalize=True).mean()
+
+
+def make_lpips() -> OfflineLPIPS:
+    """The LPIPS (AlexNet) metric of gen-lifting's models."""
+    return OfflineLPIPS()
 
 
 def build_alexnet_checkpoint(path: Path) -> Path:
@@ -58,43 +88,16 @@ def build_alexnet_checkpoint(path: Path) -> Path:
     return path
 
 
-def _has_alexnet(hub_dir: Path) -> bool:
-    return (hub_dir / "checkpoints" / ALEXNET_FILE).is_file()
-
-
-def ensure_lpips_weights() -> Optional[Path]:
-    """Make torchvision's AlexNet weights loadable offline; call once at plugin import.
-
-    Returns None when the user's hub cache already holds the file (nothing changed), else the project hub
-    dir that torch.hub now points to (built from the npz if needed). Never writes to the user's cache.
-    """
-    if _has_alexnet(Path(torch.hub.get_dir())):
-        return None
-    hub_dir = project_hub_dir()
-    if not _has_alexnet(hub_dir):
-        build_alexnet_checkpoint(hub_dir / "checkpoints" / ALEXNET_FILE)
-    torch.hub.set_dir(str(hub_dir))
-    return hub_dir
-
-
 @contextlib.contextmanager
-def _hub_dir_restored() -> Iterator[None]:
-    # torch.hub keeps an explicit set_dir() in `_hub_dir` (None = follow $TORCH_HOME); restore exactly that.
-    previous = torch.hub._hub_dir
+def nerfstudio_models_offline() -> Iterator[Path]:
+    """Inside: torch.hub reads ``<project cache>/torch_hub``, which holds the npz-built AlexNet checkpoint (so that
+    nerfstudio's own models can build their LPIPS offline). On exit torch.hub's dir is exactly what it was."""
+    hub_dir = project_cache_dir() / "torch_hub"
+    if not (hub_dir / "checkpoints" / ALEXNET_FILE).is_file():
+        build_alexnet_checkpoint(hub_dir / "checkpoints" / ALEXNET_FILE)
+    previous = torch.hub._hub_dir  # an explicit set_dir(), or None (= follow $TORCH_HOME): restored as it was
+    torch.hub.set_dir(str(hub_dir))
     try:
-        yield
+        yield hub_dir
     finally:
         torch.hub._hub_dir = previous
-
-
-def make_lpips() -> "torch.nn.Module":
-    """torchmetrics LPIPS(net_type='alex', normalize=True): inputs in [0, 1], shape [batch, 3, H, W].
-
-    Uses the user's cached torchvision AlexNet when present, else the npz-built copy; leaves torch.hub's
-    dir as it found it.
-    """
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    with _hub_dir_restored():
-        ensure_lpips_weights()
-        return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)

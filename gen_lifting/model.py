@@ -6,12 +6,15 @@ Training (``forward`` on a batch dict from GenLiftingDataManager):
      photometric error wins;
   3. the winner alone is rendered on the full ray batch with gradients: loss = ||render - x_0||^2
      + lambda * CE(scores, argmin).
-Anything else (viewer, ns-render, ns-eval) goes through nerfstudio's usual ``get_outputs(ray_bundle)``.
+A batch that carries ``camera_to_worlds`` (gen-lifting-oracle) is rendered from those poses instead.
+Anything else (viewer, ns-render, ns-eval) goes through nerfstudio's usual ``get_outputs(ray_bundle)``; a dataset
+camera (tagged by the datamanager) is rendered from the pose the model predicts for its photo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
@@ -33,6 +36,7 @@ from torch.nn import Parameter
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from typing_extensions import Annotated
 
+from gen_lifting.datamanager import SPLIT_CODES, VIEW_KEY
 from gen_lifting.grid_field import GridFieldConfig
 from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
@@ -115,6 +119,9 @@ class GenLiftingModel(Model):
 
         self.lpips = make_lpips()
         self.step = 0
+        # Predicted poses of the dataset's photos by split name, set by the pipeline (``show_predicted_poses``):
+        # derived from the weights and the images, so never saved.
+        self.view_poses: Dict[str, Tensor] = {}
 
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes
@@ -204,8 +211,35 @@ class GenLiftingModel(Model):
             return self.get_train_outputs(ray_bundle)
         return super().forward(ray_bundle)
 
+    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:
+        """nerfstudio's render of a camera; a dataset camera stands for its photo and is rendered from the pose the
+        model predicts for that photo (``ns-render dataset``), never from the dataset's pose."""
+        views = (camera.metadata or {}).get(VIEW_KEY)
+        if views is not None:
+            camera = self.camera_at_predicted_pose(camera, views)
+        return super().get_outputs_for_camera(camera, obb_box=obb_box)
+
+    def camera_at_predicted_pose(self, camera: Cameras, views: Int[Tensor, "num 2"]) -> Cameras:
+        """``camera`` (its intrinsics, untagged) at the predicted pose of each view (split code, image index)."""
+        names = {code: name for name, code in SPLIT_CODES.items()}
+        poses = []
+        for code, index in views.reshape(-1, 2).tolist():
+            split = names[code]
+            if split not in self.view_poses:
+                raise ValueError(
+                    f"this gen-lifting run has no predicted poses for its {split!r} photos (it has: "
+                    f"{', '.join(self.view_poses) or 'none'}); render the split the run was loaded for, or use "
+                    "`ns-eval --render-output-path DIR`, which renders every held-out photo from its predicted pose")
+            poses.append(self.view_poses[split][index])
+        c2w = torch.stack(poses).to(camera.camera_to_worlds).reshape(camera.camera_to_worlds.shape)
+        return dataclasses.replace(camera, camera_to_worlds=c2w, metadata=None)
+
     def get_train_outputs(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        c2w, scores = self.pose_encoder(batch["x_t"], batch["t"])
+        if "camera_to_worlds" in batch:  # gen-lifting-oracle: the dataset's poses, one camera per image
+            c2w = batch["camera_to_worlds"][:, None]
+            scores = torch.zeros(c2w.shape[:2], device=c2w.device)
+        else:
+            c2w, scores = self.pose_encoder(batch["x_t"], batch["t"])
         bsz, k = scores.shape
         if k > 1:
             with torch.no_grad(), self.scoring_pass():
@@ -245,7 +279,9 @@ class GenLiftingModel(Model):
             return metrics
         mse = (outputs["rgb"] - outputs["target"]).pow(2).mean()
         metrics["chosen_loss"] = mse.detach()
-        metrics["psnr"] = -10.0 * torch.log10(mse.detach().clamp_min(1e-10))
+        # An oracle, not a test metric: the candidate is chosen by comparing every render with the clean image itself
+        # (best of K), which no test photo allows. Held-out PSNR is ns-eval's ``psnr`` (render at the top-score pose).
+        metrics["oracle_best_of_k_psnr"] = -10.0 * torch.log10(mse.detach().clamp_min(1e-10))
         k = outputs["scores"].shape[1]
         if k > 1:
             metrics["score_argmax_is_argmin"] = (outputs["scores"].argmax(1) == outputs["winner"]).float().mean()

@@ -3,6 +3,10 @@
 nerfstudio's VanillaPipeline trains and evaluates by handing the model rays built from the dataset's cameras.
 gen-lifting must never use those poses: training hands the model a batch of noisy images, and evaluation
 poses every held-out image with the encoder, then renders the NeRF from the predicted camera.
+What nerfstudio's tools read as "the dataset's cameras" (viewer frusta, ``ns-render spiral / interpolate``) is put
+at the model's predicted poses when the pipeline is built, when a checkpoint is loaded and when the viewer's frusta
+are redrawn (``show_predicted_poses``); the dataset poses stay with the datamanager for evaluation only.
+With ``use_dataset_poses`` (gen-lifting-oracle) the dataset poses are the cameras, for training and evaluation.
 Under DDP (``--machine.num-devices > 1``) ``self._model`` is the DistributedDataParallel wrapper: training
 calls it (so gradients are all-reduced); everything else reaches the model through ``self.model``.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
-from typing import Dict, Optional, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torchvision.utils as vutils
@@ -22,6 +26,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.model import GenLiftingModelConfig
@@ -43,9 +48,30 @@ class GenLiftingPipelineConfig(VanillaPipelineConfig):
 class GenLiftingPipeline(VanillaPipeline):
     config: GenLiftingPipelineConfig
 
-    def __init__(self, config: GenLiftingPipelineConfig, *args, **kwargs) -> None:
-        super().__init__(config, *args, **kwargs)
+    def __init__(self, config: GenLiftingPipelineConfig, device: str, test_mode: str = "val", world_size: int = 1,
+                 local_rank: int = 0, grad_scaler: Optional[Any] = None) -> None:
+        # nerfstudio wraps the model as DDP(model, device_ids=[local_rank]), which DDP refuses for a CPU module; on a
+        # CPU (gloo) the parent builds a single-process pipeline and the model is wrapped here without device ids.
+        on_cpu = torch.device(device).type == "cpu"
+        super().__init__(config, device, test_mode, 1 if on_cpu else world_size, local_rank, grad_scaler)
+        if on_cpu and world_size > 1:
+            self.world_size = self.datamanager.world_size = world_size
+            self._model = DDP(self._model, find_unused_parameters=True)
         self.model.intrinsics.copy_(self.datamanager.intrinsics.to(self.model.intrinsics))
+        self.show_predicted_poses()
+
+    @property
+    def uses_dataset_poses(self) -> bool:
+        """gen-lifting-oracle: the dataset's poses are the cameras (training and evaluation)."""
+        return self.datamanager.config.use_dataset_poses
+
+    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
+        """Load a checkpoint (ns-eval, ns-render, ns-viewer, our CLI), then show the loaded model's poses."""
+        from gen_lifting.compat import ffmpeg_on_path
+
+        super().load_pipeline(loaded_state, step)
+        self.show_predicted_poses()
+        ffmpeg_on_path()  # ns-render needs one; only for loaded gen-lifting runs, never at import
 
     # ----------------------------------------------------------------------------------- training
     @profiler.time_function
@@ -72,9 +98,11 @@ class GenLiftingPipeline(VanillaPipeline):
     ) -> Tuple[Float[Tensor, "batch 3 height width"], Int[Tensor, "batch"]]:
         """Images (in [0, 1]) noised to the evaluation level with the seeded evaluation noise."""
         dm = self.datamanager
-        t = torch.full((images.shape[0],), dm.config.eval_timestep, dtype=torch.long, device=self.device)
-        gen = torch.Generator().manual_seed(self.config.eval_pose_seed)
-        return dm.encoder_input(images.to(self.device), t, gen)
+        b, h, w, _ = images.shape
+        t = torch.full((b,), dm.config.eval_timestep, dtype=torch.long, device=self.device)
+        # one fixed noise image for every photo: a photo's predicted pose does not depend on what it is batched with
+        noise = torch.randn((1, 3, h, w), generator=torch.Generator().manual_seed(self.config.eval_pose_seed))
+        return dm.encoder_input(images.to(self.device), t, noise=noise.expand(b, -1, -1, -1))
 
     @torch.no_grad()
     def encode(
@@ -92,14 +120,51 @@ class GenLiftingPipeline(VanillaPipeline):
     def predict_c2w(self, images: Float[Tensor, "batch height width 3"]) -> Float[Tensor, "batch 3 4"]:
         return self.predict(images)[0]
 
+    def predict_all_c2w(self, images: Float[Tensor, "num_images height width 3"]) -> Float[Tensor, "num_images 3 4"]:
+        """``predict_c2w`` in chunks of 32 images (the noise of each chunk is the seeded evaluation noise)."""
+        return torch.cat([self.predict_c2w(chunk) for chunk in images.split(32)])
+
     def predict_cameras(self, images: Float[Tensor, "batch height width 3"]) -> Cameras:
         return self.model.cameras_from_c2w(self.predict_c2w(images)).to(self.device)
+
+    @torch.no_grad()
+    def show_predicted_poses(self) -> Dict[str, Tensor]:
+        """Pose every photo of the datasets with the current model and put those poses where nerfstudio's tools look.
+
+        The datasets' cameras (viewer frusta, ``ns-render interpolate / spiral``) move to the predicted poses, and the
+        model keeps them by split so that it renders a dataset camera from its photo's pose (``ns-render dataset``).
+        The dataset poses stay in ``datamanager.dataset_camera_to_worlds`` for evaluation. Returns the poses by split.
+        No-op for gen-lifting-oracle, whose cameras are the dataset poses.
+        """
+        if self.uses_dataset_poses:
+            return {}
+        dm = self.datamanager
+        was_training = self.training
+        self.eval()
+        poses = {"train": self.predict_all_c2w(dm.train_images), dm.test_split: self.predict_all_c2w(dm.eval_images)}
+        if was_training:
+            self.train()
+        self.model.view_poses = poses
+        # nerfstudio's eval dataloaders copy the eval cameras (ns-render spiral starts from one of theirs)
+        loaders = [getattr(dm, name) for name in ("eval_dataloader", "fixed_indices_eval_dataloader") if hasattr(dm, name)]
+        targets = [(dm.train_dataset.cameras, "train")] + [(cams, dm.test_split) for cams in
+                                                           [dm.eval_dataset.cameras] + [ld.cameras for ld in loaders]]
+        for cams, split in targets:
+            cams.camera_to_worlds.copy_(poses[split].to(cams.camera_to_worlds))
+        return poses
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def eval_camera(self, camera: Cameras, batch: Dict[str, Tensor]) -> Cameras:
+        """The camera a held-out photo is rendered from: posed by the encoder (the oracle: the dataset's pose)."""
+        if self.uses_dataset_poses:
+            return camera.to(self.device)
+        return self.predict_cameras(batch["image"][None, ..., :3])
 
     @profiler.time_function
     def get_eval_image_metrics_and_images(self, step: int):
         self.eval()
-        _, batch = self.datamanager.next_eval_image(step)
-        camera = self.predict_cameras(batch["image"][None, ..., :3])
+        camera, batch = self.datamanager.next_eval_image(step)
+        camera = self.eval_camera(camera, batch)
         outputs = self.model.get_outputs_for_camera(camera)
         metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
         metrics["num_rays"] = int(camera.height * camera.width)
@@ -108,14 +173,25 @@ class GenLiftingPipeline(VanillaPipeline):
 
     @torch.no_grad()
     def evaluate_poses(self) -> Dict[str, float]:
-        """Pose error of the training images after aligning predicted to true camera centres (eval only)."""
-        from gen_lifting.alignment import pose_errors
+        """Pose errors after aligning predicted to true cameras (evaluation only; {} for the oracle).
 
-        pred = torch.cat([self.predict_c2w(chunk) for chunk in self.datamanager.train_images.split(32)])
-        gt = self.datamanager.train_dataset.cameras.camera_to_worlds.to(pred)
+        Training views: the alignment is fitted on them (keys as in ``alignment.pose_errors``). Held-out views
+        (``test_*`` keys): the training views' alignment is applied to their predicted poses, nothing is refitted.
+        """
+        from gen_lifting.alignment import fit_camera_alignment, pose_errors
+
+        if self.uses_dataset_poses:
+            return {}
+        poses = self.show_predicted_poses()
+        dm = self.datamanager
+        pred, gt = poses["train"].double(), dm.dataset_camera_to_worlds("train").double()
         # 360 scenes: rotation about the object; forward-facing: fit on orientations (coplanar centres)
         mode = "rotation" if self.model.pose_encoder.config.mode == "candidates" else "orientation"
-        return {k: float(v) for k, v in pose_errors(pred, gt, mode=mode).items()}
+        errors = pose_errors(pred, gt, mode=mode)
+        alignment = fit_camera_alignment(pred, gt, mode)
+        held_out = pose_errors(poses[dm.test_split], dm.dataset_camera_to_worlds("eval"), alignment=alignment)
+        errors.update({f"test_{key}": value for key, value in held_out.items()})
+        return {key: float(value) for key, value in errors.items()}
 
     @profiler.time_function
     def get_average_eval_image_metrics(
@@ -130,10 +206,9 @@ class GenLiftingPipeline(VanillaPipeline):
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn(),
                       MofNCompleteColumn(), transient=True) as progress:
             task = progress.add_task("[green]Posing and rendering held-out images...", total=len(loader))
-            for idx, (_, batch) in enumerate(loader):
+            for idx, (camera, batch) in enumerate(loader):
                 start = time()
-                camera = self.predict_cameras(batch["image"][None, ..., :3])
-                outputs = self.model.get_outputs_for_camera(camera)
+                outputs = self.model.get_outputs_for_camera(self.eval_camera(camera, batch))
                 metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
                 metrics["fps"] = 1.0 / max(time() - start, 1e-9)
                 if output_path is not None:

@@ -1,9 +1,10 @@
 """Draw the *predicted* camera of every training image in the viser viewer, coloured by candidate.
 
-nerfstudio's viewer places one frustum (with the image thumbnail) per training camera at the dataset's pose and
-moves it only for models with a CameraOptimizer. gen-lifting never trusts those poses, so this callback moves
-the viewer's frustums to the poses the encoder predicts and adds a small frustum coloured by the winning
-candidate, the way ``ViewerState.update_camera_poses`` does for the camera optimizer.
+nerfstudio's viewer places one frustum (with the image thumbnail) per training camera at the pose of the dataset's
+camera, and moves it only for models with a CameraOptimizer. gen-lifting's pipeline keeps those cameras at the
+predicted poses (``GenLiftingPipeline.show_predicted_poses``), so a standalone ``ns-viewer`` draws them there;
+during training this callback refreshes them, moves the viewer's frustums to the new poses and adds a small frustum
+coloured by the winning candidate, the way ``ViewerState.update_camera_poses`` does for the camera optimizer.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ def candidate_colour(index: int, count: int) -> tuple[int, int, int]:
 def update_viewer_frustums(pipeline, viewer_state) -> int:
     """Move/draw frustums at the predicted poses; returns how many were drawn (0 without a viewer)."""
     server = getattr(viewer_state, "viser_server", None)
-    if server is None:
+    if server is None or pipeline.uses_dataset_poses:  # the oracle's frustums are its (true) poses already
         return 0
     import viser.transforms as vtf
 
     model = pipeline.model
     was_training = pipeline.training
+    pipeline.show_predicted_poses()  # the dataset cameras the viewer (and ns-render) read
     pipeline.eval()
     poses = [pipeline.predict(chunk) for chunk in pipeline.datamanager.train_images.split(32)]
     if was_training:

@@ -16,18 +16,19 @@ from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
-from gen_lifting import compat
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.grid_field import GridFieldConfig
 from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.llff_dataparser import LLFFDataParserConfig
-from gen_lifting.lpips_offline import ensure_lpips_weights
 from gen_lifting.model import GenLiftingModelConfig
 from gen_lifting.pipeline import GenLiftingPipelineConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig, paper_trunk
 
-compat.apply()  # checkpoint loading under torch's weights_only default, ffmpeg for ns-render, spiral dtype
-ensure_lpips_weights()  # nerfstudio's own models (nerfacto...) build AlexNet LPIPS: make it load offline
+# Importing this module (nerfstudio does, for every ns-* command once the package is installed) changes nothing
+# outside it: no torch.hub dir, no patched nerfstudio function, no PATH edit (tests/test_compat.py).
+
+LLFF_NEAR, LLFF_FAR = 1.0, 7.0
+"""Depth prior of the forward-facing presets: the LLFF dataparser's scene box and the model's near/far planes."""
 
 
 def _adam(lr: float) -> dict:
@@ -97,6 +98,11 @@ gen_lifting_ae = MethodSpecification(
     description="Ablation of gen-lifting trained on clean images (an autoencoder, no diffusion noise).",
 )
 
+gen_lifting_oracle = MethodSpecification(
+    config=make_config("gen-lifting-oracle", datamanager=cpu_datamanager(use_dataset_poses=True)),
+    description="Upper bound of gen-lifting: the same field, sampler and trainer, trained on the dataset's true poses.",
+)
+
 gen_lifting_gpu = MethodSpecification(
     config=make_config(
         "gen-lifting-gpu",
@@ -115,12 +121,25 @@ gen_lifting_gpu = MethodSpecification(
     description="Paper-scale gen-lifting for a GPU (128x128 views, paper trunk C=64, hash-grid field, 200k iterations).",
 )
 
-gen_lifting_single = MethodSpecification(
-    config=make_config(
-        "gen-lifting-single",
+
+
+def single_config(method_name: str, use_dataset_poses: bool = False) -> TrainerConfig:
+    """The forward-facing (LLFF) CPU preset: one camera per image, the depth prior LLFF_NEAR..LLFF_FAR."""
+    dataparser = LLFFDataParserConfig(data=Path("fern"), downscale_factor=4, near_plane=LLFF_NEAR, far_plane=LLFF_FAR)
+    return make_config(
+        method_name,
         pose_encoder=PoseEncoderConfig(mode="single"),
-        datamanager=cpu_datamanager(dataparser=LLFFDataParserConfig(data=Path("fern"), downscale_factor=4)),
-        model=cpu_model(collider_params={"near_plane": 1.0, "far_plane": 7.0}),
-    ),
+        datamanager=cpu_datamanager(dataparser=dataparser, use_dataset_poses=use_dataset_poses),
+        model=cpu_model(collider_params={"near_plane": LLFF_NEAR, "far_plane": LLFF_FAR}),
+    )
+
+
+gen_lifting_single = MethodSpecification(
+    config=single_config("gen-lifting-single"),
     description="gen-lifting for forward-facing scenes (LLFF): one camera per image from axis-angle + translation.",
+)
+
+gen_lifting_single_oracle = MethodSpecification(
+    config=single_config("gen-lifting-single-oracle", use_dataset_poses=True),
+    description="Upper bound of gen-lifting-single: the same field, sampler and trainer, on the dataset's true poses.",
 )

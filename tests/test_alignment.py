@@ -110,3 +110,22 @@ def test_orientation_alignment_recovers_similarity_with_coplanar_centres():
     pred = torch.cat([pred_rot, pred_ctr[:, :, None]], dim=2)
     errors = pose_errors(pred, gt, mode="orientation")
     assert errors["rot_err_median_deg"] < 1e-4 and errors["center_dist_mean"] < 1e-6
+
+
+def test_held_out_views_use_the_alignment_fitted_on_training_views():
+    """A frame transform fitted on the training views maps held-out views exactly; a held-out view that is wrong
+    stays wrong (nothing is refitted on the views being judged)."""
+    from gen_lifting.alignment import fit_camera_alignment
+
+    gt = _gt_cameras(n=16)
+    rotation = roma.random_rotmat(dtype=torch.float64)
+    pred = _to_other_frame(gt, rotation, torch.zeros(3, dtype=torch.float64), 1.0)
+    train, test = slice(0, 12), slice(12, 16)
+    alignment = fit_camera_alignment(pred[train], gt[train], mode="rotation")
+    assert pose_errors(pred[test], gt[test], alignment=alignment)["rot_err_median_deg"] < 1e-6
+    wrong = pred[test].clone()
+    wrong[:, :3, :3] = roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64)) @ wrong[:, :3, :3]
+    wrong[:, :3, 3] = wrong[:, :3, 3] @ roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64)).T
+    held_out = pose_errors(wrong, gt[test], alignment=alignment)
+    assert held_out["rot_err_median_deg"] == pytest.approx(math.degrees(0.5), abs=1e-6)
+    assert pose_errors(wrong, gt[test], mode="rotation")["rot_err_median_deg"] < 1e-6  # refitting would hide it

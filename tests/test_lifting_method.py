@@ -1,4 +1,5 @@
-"""gen-lifting as a nerfstudio method: GT-pose invariance, routing, CE target, eval, DDP unwrapping, smoke."""
+"""gen-lifting as a nerfstudio method: GT-pose invariance, routing, CE target, eval, oracle, DDP unwrapping, smoke,
+and the golden pose-discovery test."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from gen_lifting.proposal import ProposalSamplingConfig
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def make_tiny_lego(root: Path, n_train: int = 6, n_eval: int = 2, poses: str = "true") -> Path:
-    """A few frames of the bundled 64x64 lego; ``poses``: true | shuffled | random (train split only)."""
+def make_tiny_lego(root: Path, n_train: int = 6, n_eval: int = 2, poses: str = "true",
+                   pose_splits: tuple = ("train",)) -> Path:
+    """A few frames of the bundled 64x64 lego; ``poses``: true | shuffled | random (for ``pose_splits``)."""
     src = BUNDLED_DIR / "lego"
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(7)
@@ -30,11 +32,11 @@ def make_tiny_lego(root: Path, n_train: int = 6, n_eval: int = 2, poses: str = "
         (root / split).mkdir(exist_ok=True)
         for frame in meta["frames"]:
             shutil.copy(src / (frame["file_path"][2:] + ".png"), root / (frame["file_path"][2:] + ".png"))
-        if split == "train" and poses == "shuffled":
+        if split in pose_splits and poses == "shuffled":
             mats = [f["transform_matrix"] for f in meta["frames"]]
             for f, m in zip(meta["frames"], mats[1:] + mats[:1]):
                 f["transform_matrix"] = m
-        elif split == "train" and poses == "random":
+        elif split in pose_splits and poses == "random":
             for f in meta["frames"]:
                 f["transform_matrix"] = (torch.randn(4, 4, generator=gen)).tolist()
         (root / f"transforms_{split}.json").write_text(json.dumps(meta))
@@ -106,6 +108,78 @@ def test_training_is_bit_identical_without_true_poses(tmp_path, tiny_lego, poses
     assert all(torch.equal(a, b) for a, b in zip(reference, other))
 
 
+def test_llff_training_is_bit_identical_with_random_poses_and_bounds(tmp_path):
+    """LLFF: poses and depth bounds random (intrinsics kept). Before the fix the scene box came from the true
+    frustums of every view and the scale from the bounds, so these runs differed."""
+    from test_llff_dataparser import randomised_fern
+
+    reference = _two_step_losses(setup_pipeline(BUNDLED_DIR / "fern", "gen_lifting_single"))
+    other = _two_step_losses(setup_pipeline(randomised_fern(tmp_path), "gen_lifting_single"))
+    assert all(torch.equal(a, b) for a, b in zip(reference, other))
+
+
+def test_evaluation_renders_from_the_predicted_poses(tmp_path, tiny_lego):
+    """Held-out metrics change with the encoder and not with the dataset's poses (train and test poses random)."""
+    reference = setup_pipeline(tiny_lego).get_average_eval_image_metrics()
+    data = make_tiny_lego(tmp_path / "random", poses="random", pose_splits=("train", "val", "test"))
+    other = setup_pipeline(data).get_average_eval_image_metrics()
+    for key in ("psnr", "ssim", "lpips"):
+        assert other[key] == reference[key], key
+    moved = setup_pipeline(tiny_lego)
+    with torch.no_grad():
+        moved.model.pose_encoder.direction_head.bias.add_(0.5)  # every candidate camera moves
+    assert moved.get_average_eval_image_metrics()["psnr"] != reference["psnr"]
+
+
+def test_pose_errors_for_training_and_held_out_views(pipeline):
+    """Held-out views are scored with the alignment fitted on the training views (``test_*`` keys)."""
+    from gen_lifting.alignment import fit_camera_alignment, pose_errors
+
+    errors = pipeline.evaluate_poses()
+    dm = pipeline.datamanager
+    pred_train, pred_test = pipeline.predict_all_c2w(dm.train_images), pipeline.predict_all_c2w(dm.eval_images)
+    gt_train, gt_test = dm.dataset_camera_to_worlds("train"), dm.dataset_camera_to_worlds("eval")
+    alignment = fit_camera_alignment(pred_train.double(), gt_train.double(), "rotation")
+    held_out = pose_errors(pred_test, gt_test, alignment=alignment)
+    assert errors["test_rot_err_median_deg"] == pytest.approx(held_out["rot_err_median_deg"])
+    assert errors["test_within_15deg"] == held_out["within_15deg"]
+    refitted = pose_errors(pred_test, gt_test, mode="rotation")  # what fitting on the judged views would give
+    assert errors["test_rot_err_mean_deg"] != pytest.approx(refitted["rot_err_mean_deg"])
+    assert errors["rot_err_median_deg"] == pytest.approx(pose_errors(pred_train, gt_train, "rotation")["rot_err_median_deg"])
+
+
+def test_eval_batches_do_not_shift_the_training_batches(tiny_lego):
+    a, b = setup_pipeline(tiny_lego), setup_pipeline(tiny_lego)
+    a.get_eval_loss_dict(0)
+    batch_a, batch_b = a.datamanager.next_train(0)[1], b.datamanager.next_train(0)[1]
+    for key in ("image_idx", "t", "x_t", "loss_pixels", "score_pixels"):
+        assert torch.equal(batch_a[key], batch_b[key]), key
+
+
+def test_oracle_trains_and_evaluates_on_the_dataset_poses(tiny_lego, pipeline):
+    """gen-lifting-oracle: the same model and trainer; batches carry the dataset poses, held-out views are rendered
+    from theirs (the upper bound); gen-lifting's batches carry none."""
+    assert "camera_to_worlds" not in pipeline.datamanager.next_train(0)[1]
+    oracle = setup_pipeline(tiny_lego, "gen_lifting_oracle")
+    dm = oracle.datamanager
+    _, batch = dm.next_train(0)
+    assert torch.equal(batch["camera_to_worlds"], dm.dataset_camera_to_worlds("train")[batch["image_idx"]])
+    outputs = oracle.model(batch)
+    assert torch.equal(outputs["c2w"][:, 0], batch["camera_to_worlds"]) and "score_ce_loss" not in \
+        oracle.model.get_loss_dict(outputs, batch)
+    metrics = oracle.get_average_eval_image_metrics()
+    assert "rot_err_median_deg" not in metrics
+    assert torch.equal(dm.eval_dataset.cameras.camera_to_worlds, dm.dataset_camera_to_worlds("eval"))
+    oracle.eval()
+    psnrs = []
+    for camera, image in dm.fixed_indices_eval_dataloader:
+        outputs = oracle.model.get_outputs_for_camera(camera)
+        psnrs.append(oracle.model.get_image_metrics_and_images(outputs, image)[0]["psnr"])
+    assert metrics["psnr"] == pytest.approx(sum(psnrs) / len(psnrs))
+    predicted = oracle.model.get_outputs_for_camera(oracle.predict_cameras(image["image"][None, ..., :3]))["rgb"]
+    assert not torch.allclose(predicted, oracle.model.get_outputs_for_camera(camera)["rgb"])  # the two differ here
+
+
 def test_gradient_reaches_only_the_chosen_candidate(pipeline):
     pipe = pipeline
     _, batch = pipe.datamanager.next_train(0)
@@ -118,6 +192,9 @@ def test_gradient_reaches_only_the_chosen_candidate(pipeline):
     assert (grad[~chosen] == 0).all()
     assert (grad[chosen] > 0).all()
     pipe.model.zero_grad()
+    # the chosen render's PSNR is the best of K against the clean image itself: logged as the oracle it is
+    assert set(pipe.model.get_metrics_dict(outputs, batch)) >= {"oracle_best_of_k_psnr", "chosen_loss"}
+    assert "psnr" not in pipe.model.get_metrics_dict(outputs, batch)
 
 
 def test_ce_target_is_argmin_of_candidate_error(pipeline):
@@ -182,11 +259,12 @@ def test_unknown_data_name_is_a_one_line_error():
     assert "\n" not in message and "lego" in message and "fern" in message
 
 
-@pytest.mark.parametrize("method", ["gen_lifting", "gen_lifting_ae", "gen_lifting_single", "gen_lifting_gpu"])
+@pytest.mark.parametrize("method", ["gen_lifting", "gen_lifting_ae", "gen_lifting_single", "gen_lifting_gpu",
+                                    "gen_lifting_oracle", "gen_lifting_single_oracle"])
 def test_ns_train_two_iterations(tmp_path, tiny_lego, method):
     from nerfstudio.scripts.train import main
 
-    data = tiny_lego if method != "gen_lifting_single" else BUNDLED_DIR / "fern"
+    data = tiny_lego if "single" not in method else BUNDLED_DIR / "fern"
     config = tiny_config(data, method)
     config.max_num_iterations = 2
     config.vis = "tensorboard"
@@ -217,21 +295,48 @@ def test_ns_train_two_iterations(tmp_path, tiny_lego, method):
     assert (out / "spiral.mp4").stat().st_size > 0
 
 
-def test_golden_training_fits_tiny_lego(tiny_lego):
-    """End-to-end on tiny data: 150 steps must raise the chosen render's PSNR by 3 dB (measured: 10.8 -> 15.1)."""
-    pipe = setup_pipeline(tiny_lego, seed=3)
-    opt = torch.optim.Adam([{"params": pipe.model.field.parameters(), "lr": 5e-2},
-                            {"params": pipe.model.pose_encoder.parameters(), "lr": 1e-3}])
-    psnrs = []
-    for step in range(150):
-        _, loss_dict, metrics = pipe.get_train_loss_dict(step)
-        opt.zero_grad()
-        sum(loss_dict.values()).backward()
-        opt.step()
-        psnrs.append(float(metrics["psnr"]))
-    start, end = sum(psnrs[:10]) / 10, sum(psnrs[-10:]) / 10
-    print(f"golden: chosen-render PSNR {start:.2f} -> {end:.2f} dB")
-    assert end > start + 3.0, (start, end)
+def golden_config(root: Path, seed: int = 0, steps: int = 1000):
+    """The CPU preset on lego's 100 training views with the cost per step cut (32^3 grid, 24 samples, 128 loss and
+    32 score pixels) and its schedules (coarse-to-fine, random routing, noise curriculum) shortened to 800 steps."""
+    import method_configs.gen_lifting as specs
+
+    config = copy.deepcopy(specs.gen_lifting.config)
+    config.pipeline.datamanager.data = make_tiny_lego(root / "lego100", n_train=100, n_eval=10)
+    dm, model = config.pipeline.datamanager, config.pipeline.model
+    dm.loss_pixels_per_image, dm.score_pixels_per_image, dm.noise_warmup_steps, dm.seed = 128, 32, 800, seed
+    model.num_samples, model.field.resolution, model.field.coarse_to_fine_steps, model.random_route_steps = 24, 32, 800, 800
+    config.machine.device_type, config.machine.seed = "cpu", seed
+    config.max_num_iterations, config.steps_per_save, config.steps_per_eval_batch = steps, 10**9, 10**9
+    config.steps_per_eval_image, config.vis, config.output_dir = 10**9, "tensorboard", root / "outputs"
+    return config
+
+
+def pose_discovery_run(root: Path, seed: int = 0, steps: int = 1000):
+    """(pose errors before training, after ``steps`` steps of nerfstudio's Trainer)."""
+    config = golden_config(root, seed, steps)
+    torch.manual_seed(seed)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    before = trainer.pipeline.evaluate_poses()
+    trainer.train()
+    return before, trainer.pipeline.evaluate_poses()
+
+
+@pytest.mark.slow
+def test_golden_poses_are_learned(tmp_path):
+    """End-to-end golden test: 1000 steps of the (cut-down) CPU preset on lego's 100 views must pose the views far
+    better than the untrained encoder. A frozen encoder keeps its step-0 poses, so "before" is also what a run whose
+    poses are not learned ends with (the old golden test, a PSNR gain, passed with the encoder frozen).
+    Measured, median aligned rotation error in degrees, before -> after (seeds 0 / 1 / 2, one thread, ~155 s each):
+    training views 88.9 -> 35.8, 85.4 -> 38.0, 85.9 -> 41.4; held-out views 77.2 -> 57.4, 81.9 -> 41.6,
+    83.6 -> 41.9. Margins of the asserts at the worst seed: 8.6 deg (train < 50), 14.5 deg (drop > 30),
+    9.8 deg (held-out drop > 10). Not yet discovery (the full preset needs ~2000 steps); learning, not a frozen map."""
+    before, after = pose_discovery_run(tmp_path)
+    print(f"golden: training views {before['rot_err_median_deg']:.1f} -> {after['rot_err_median_deg']:.1f} deg, "
+          f"held-out {before['test_rot_err_median_deg']:.1f} -> {after['test_rot_err_median_deg']:.1f} deg")
+    assert after["rot_err_median_deg"] < 50.0
+    assert after["rot_err_median_deg"] < before["rot_err_median_deg"] - 30.0
+    assert after["test_rot_err_median_deg"] < before["test_rot_err_median_deg"] - 10.0
 
 
 def test_viewer_frustums_follow_predicted_poses(pipeline):

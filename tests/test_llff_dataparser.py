@@ -51,25 +51,60 @@ def test_llff_axes_convert_to_opengl():
     assert np.allclose(llff_to_opengl(llff), np.array([[[1, 0, 0, 5], [0, 1, 0, 6], [0, 0, 1, 7]]]))
 
 
-def test_recentred_and_scaled_so_near_bound_is_one_over_bd_factor(fern):
+def test_dataset_poses_recentred_and_scaled_so_near_bound_is_one_over_bd_factor(fern):
     c2w = torch.cat([fern["train"].cameras.camera_to_worlds, fern["test"].cameras.camera_to_worlds]).double()
     assert np.allclose(average_pose(c2w.numpy()), np.eye(4)[:3], atol=1e-5)
-    bounds = torch.cat([fern["train"].metadata["bounds"], fern["test"].metadata["bounds"]])
-    assert bounds.min().item() == pytest.approx(1 / 0.75, rel=1e-5)
-    meta = fern["train"].metadata
-    assert meta["near_plane"] == pytest.approx(0.9 / 0.75, rel=1e-5)
-    assert meta["far_plane"] == pytest.approx(bounds.max().item(), rel=1e-5)
     raw = np.load(FERN / "poses_bounds.npy")
     assert fern["train"].dataparser_scale == pytest.approx(1 / (raw[:, 15:].min() * 0.75))
 
 
-def test_scene_box_holds_what_the_cameras_see(fern):
+def test_scene_box_and_planes_are_the_stated_prior(fern):
+    """Box = the reference camera's frustum (origin, looking down -z) between the near and far planes, widened by
+    camera_spread; near/far are the flags. None of it is read from the poses or bounds."""
+    meta, aabb = fern["train"].metadata, fern["train"].scene_box.aabb
+    assert (meta["near_plane"], meta["far_plane"]) == (1.0, 7.0) and "bounds" not in meta
+    half_w, half_h = 7.0 * 504 / 2 / fern["train"].cameras.fx[0, 0], 7.0 * 378 / 2 / fern["train"].cameras.fy[0, 0]
+    expected = torch.tensor([[-half_w - 0.5, -half_h - 0.5, -7.5], [half_w + 0.5, half_h + 0.5, -0.5]])
+    torch.testing.assert_close(aabb, expected)
+    other = LLFFDataParserConfig(data=Path("fern"), near_plane=2.0, far_plane=4.0, camera_spread=0.0).setup()
+    outputs = other.get_dataparser_outputs("train")
+    assert outputs.metadata["near_plane"] == 2.0 and outputs.scene_box.aabb[:, 2].tolist() == [-4.0, -2.0]
+
+
+def test_scene_box_holds_what_the_dataset_cameras_see(fern):
+    """The prior suits fern: the true cameras' mid-depth points lie inside the box (the oracle trains there)."""
     cams, aabb = fern["train"].cameras, fern["train"].scene_box.aabb
     meta = fern["train"].metadata
     mid = (meta["near_plane"] + meta["far_plane"]) / 2
     points = cams.camera_to_worlds[:, :, 3] - mid * cams.camera_to_worlds[:, :, 2]
     assert ((points >= aabb[0]) & (points <= aabb[1])).all()
     assert aabb[1, 2] < 0  # forward-facing: the box lies in front of the cameras (world -z)
+
+
+def randomised_fern(root: Path, seed: int = 0) -> Path:
+    """A copy of fern whose poses and depth bounds (everything COLMAP estimated except the intrinsics) are random."""
+    scene = Path(shutil.copytree(FERN, root / "fern_random"))
+    raw = np.load(scene / "poses_bounds.npy")
+    rng = np.random.default_rng(seed)
+    poses = raw[:, :15].reshape(-1, 3, 5)
+    poses[:, :, :4] = rng.normal(size=poses[:, :, :4].shape) * 5  # hwf column (intrinsics) kept
+    raw[:, :15] = poses.reshape(-1, 15)
+    raw[:, 15:] = rng.uniform(0.5, 200.0, size=raw[:, 15:].shape)
+    np.save(scene / "poses_bounds.npy", raw)
+    return scene
+
+
+def test_nothing_training_reads_depends_on_the_dataset_poses(tmp_path, fern):
+    """Scene box, near/far, intrinsics, images and metadata are the same for random poses and bounds."""
+    other = LLFFDataParserConfig(data=randomised_fern(tmp_path)).setup()
+    for split in ("train", "test"):
+        a, b = fern[split], other.get_dataparser_outputs(split)
+        torch.testing.assert_close(a.scene_box.aabb, b.scene_box.aabb)
+        assert a.metadata == b.metadata
+        assert [p.name for p in a.image_filenames] == [p.name for p in b.image_filenames]
+        for name in ("fx", "fy", "cx", "cy", "width", "height"):
+            assert torch.equal(getattr(a.cameras, name), getattr(b.cameras, name)), name
+        assert not torch.allclose(a.cameras.camera_to_worlds, b.cameras.camera_to_worlds)  # only these differ
 
 
 def test_on_the_fly_downscale_writes_only_to_the_cache(cache_dir):

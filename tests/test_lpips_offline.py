@@ -1,4 +1,4 @@
-"""Offline LPIPS: real AlexNet weights from the vendored npz, no network, no writes to the user's cache."""
+"""Offline LPIPS: real AlexNet weights from the vendored npz, no network, no torch.hub, nothing written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gen_lifting import lpips_offline
-from gen_lifting.lpips_offline import ALEXNET_FILE, ensure_lpips_weights, load_npz_weights, make_lpips
+from gen_lifting.lpips_offline import ALEXNET_FILE, load_npz_weights, make_lpips, nerfstudio_models_offline
 
 
 def _refuse(url, *args, **kwargs):
@@ -24,11 +24,10 @@ def offline_lpips(tmp_path_factory):
         mp.setenv("GEN_LIFTING_CACHE_DIR", str(root / "project_cache"))
         mp.setattr(torch.hub, "download_url_to_file", _refuse)
         mp.setattr(torch.hub, "_hub_dir", None)  # follow $TORCH_HOME, whatever earlier tests set
-        hub_before = torch.hub._hub_dir
         metric = make_lpips()
-        assert torch.hub._hub_dir == hub_before, "make_lpips must leave torch.hub's dir as it found it"
-        assert (root / "project_cache" / "torch_hub" / "checkpoints" / ALEXNET_FILE).is_file()
+        assert torch.hub._hub_dir is None, "make_lpips must not touch torch.hub"
         assert not (root / "user_torch_home").exists(), "the user's cache must not be written"
+        assert not (root / "project_cache").exists(), "make_lpips needs no cache"
     return metric
 
 
@@ -64,6 +63,16 @@ def test_torchmetrics_linear_heads_equal_npz(offline_lpips):
         assert torch.equal(offline_lpips.net.get_parameter(name), tensor), name
 
 
+def test_equals_torchmetrics_public_metric(offline_lpips, cache_dir, no_network, restore_hub_dir):
+    """The same numbers as torchmetrics' LearnedPerceptualImagePatchSimilarity(net_type='alex', normalize=True)."""
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    with nerfstudio_models_offline():
+        reference = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    x, y = _images(0), _images(1)
+    torch.testing.assert_close(offline_lpips(x, y), reference(x, y))
+
+
 def test_built_checkpoint_has_nan_classifier_and_is_small(cache_dir: Path):
     path = lpips_offline.build_alexnet_checkpoint(cache_dir / ALEXNET_FILE)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -72,30 +81,18 @@ def test_built_checkpoint_has_nan_classifier_and_is_small(cache_dir: Path):
     assert path.stat().st_size < 20e6  # stride-0 NaN classifier: only features.* take space
 
 
-def test_ensure_points_hub_to_project_dir_only_when_user_cache_lacks_alexnet(
-    tmp_path, cache_dir, no_network, restore_hub_dir, monkeypatch
-):
+def test_nerfstudio_models_offline_is_scoped(tmp_path, cache_dir, no_network, restore_hub_dir, monkeypatch):
+    """nerfstudio's own models (benchmarks' nerfacto) build their LPIPS inside the context; outside it torch.hub
+    is exactly as before, so nobody else ever loads the NaN-classifier file."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "user"))
     torch.hub._hub_dir = None
-    hub = ensure_lpips_weights()
-    assert hub == cache_dir / "torch_hub" and Path(torch.hub.get_dir()) == hub
+    with nerfstudio_models_offline() as hub:
+        assert hub == cache_dir / "torch_hub" and Path(torch.hub.get_dir()) == hub
+        LearnedPerceptualImagePatchSimilarity(normalize=True)  # what nerfacto does in populate_modules
+    assert torch.hub._hub_dir is None and Path(torch.hub.get_dir()) == tmp_path / "user" / "hub"
     assert not (tmp_path / "user").exists()
-    # what every nerfstudio model does in populate_modules, now offline:
-    LearnedPerceptualImagePatchSimilarity(normalize=True)
-    assert ensure_lpips_weights() is None  # idempotent: torch.hub already points at a dir with the file
-
-
-def test_ensure_leaves_a_user_cache_that_has_alexnet_alone(tmp_path, cache_dir, restore_hub_dir, monkeypatch):
-    user_file = tmp_path / "user" / "hub" / "checkpoints" / ALEXNET_FILE
-    user_file.parent.mkdir(parents=True)
-    user_file.write_bytes(b"user's own file")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "user"))
-    torch.hub._hub_dir = None
-    assert ensure_lpips_weights() is None
-    assert torch.hub._hub_dir is None and user_file.read_bytes() == b"user's own file"
-    assert not cache_dir.exists()
 
 
 def test_vendored_npz_is_the_shared_weights_file(shared_data):

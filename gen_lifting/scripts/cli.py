@@ -150,8 +150,8 @@ class Demo:
         frames = render_c2w(pipeline, orbit_c2w(pipeline.model.pose_encoder.config.radius, 30.0, 8)).cpu()
         save_png(torch.cat(list(frames), dim=1), self.output_dir / "orbit.png")
         if pipeline.model.pose_encoder.config.mode == "candidates":  # camera plot (true poses: evaluation only)
-            pred = pipeline.predict_c2w(pipeline.datamanager.train_images).cpu()
-            gt = pipeline.datamanager.train_dataset.cameras.camera_to_worlds
+            pred = pipeline.predict_all_c2w(pipeline.datamanager.train_images).cpu()
+            gt = pipeline.datamanager.dataset_camera_to_worlds("train").cpu()
             plot_cameras(pred, gt, self.output_dir / "cameras.png",
                          f"median rotation error {metrics.get('rot_err_median_deg', float('nan')):.1f} deg")
         print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
