@@ -266,6 +266,12 @@ def _nonfinite_anywhere(loss: Tensor, world: int) -> bool:
     return bool(flag.item())
 
 
+def defers_host_reads(device: torch.device) -> bool:
+    """Whether the loop reads the loss (and checks that it is finite) only every ``log_every`` steps instead of every
+    step: on cuda, where every read waits for the GPU to finish the queued work."""
+    return device.type == "cuda"
+
+
 def _first_nonfinite_step(first_bad: Tensor, world: int) -> int:
     """The earliest step (1-based) at which any process saw a non-finite loss, 0 if none: the value of
     ``first_bad``, which the loop updates on the device without waiting for it. Reading it waits for the GPU."""
@@ -522,7 +528,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 3. loop. On cuda nothing in a step waits for the GPU (no .item(), no blocking copy): the loss is read, and
     # the non-finite-loss flag kept on the device is checked, every log_every steps and before anything is saved.
     # On the CPU reading them is free, so every step is checked exactly.
-    check_on_device = device.type == "cuda"
+    check_on_device = defers_host_reads(device)
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss (0 = none)
     start = time.time()
     last_loss = torch.full((), float("nan"))
