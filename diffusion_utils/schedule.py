@@ -59,8 +59,8 @@ class DiffusionSchedule:
         self.config = config
         beta_start, beta_end = config.betas_range()
         if beta_end >= 1.0:
-            raise ValueError(f"beta_end scaled by 1000 / T = {beta_end:g} must stay below 1 (T = {config.num_timesteps}); "
-                             "use more timesteps or a smaller beta_end")
+            raise ValueError(f"beta_end scaled by 1000 / T = {beta_end:g} must stay below 1 "
+                             f"(T = {config.num_timesteps}); use more timesteps or a smaller beta_end")
         self.scheduler = DDPMScheduler(
             num_train_timesteps=config.num_timesteps,
             beta_start=beta_start,

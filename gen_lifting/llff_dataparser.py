@@ -96,7 +96,7 @@ class LLFFDataParser(DataParser):
         if cfg.test_every < 2 or cfg.downscale_factor < 1:
             raise SceneDataError("--test-every must be >= 2 and --downscale-factor >= 1")
         if not 0 < cfg.near_plane < cfg.far_plane or cfg.camera_spread < 0:
-            raise SceneDataError("need 0 < --near-plane < --far-plane and --camera-spread >= 0 (the scene's depth prior)")
+            raise SceneDataError("the depth prior needs 0 < --near-plane < --far-plane and --camera-spread >= 0")
         root = resolve_data(cfg.data)
         poses_bounds = _load_poses_bounds(root)
         files = _image_files(root, cfg.images_downscale, expected=len(poses_bounds))

@@ -146,10 +146,9 @@ class GenLiftingPipeline(VanillaPipeline):
             self.train()
         self.model.view_poses = poses
         # nerfstudio's eval dataloaders copy the eval cameras (ns-render spiral starts from one of theirs)
-        loaders = [getattr(dm, name) for name in ("eval_dataloader", "fixed_indices_eval_dataloader") if hasattr(dm, name)]
-        targets = [(dm.train_dataset.cameras, "train")] + [(cams, dm.test_split) for cams in
-                                                           [dm.eval_dataset.cameras] + [ld.cameras for ld in loaders]]
-        for cams, split in targets:
+        loaders = ("eval_dataloader", "fixed_indices_eval_dataloader")
+        eval_cameras = [dm.eval_dataset.cameras] + [getattr(dm, name).cameras for name in loaders if hasattr(dm, name)]
+        for cams, split in [(dm.train_dataset.cameras, "train")] + [(cams, dm.test_split) for cams in eval_cameras]:
             cams.camera_to_worlds.copy_(poses[split].to(cams.camera_to_worlds))
         return poses
 

@@ -145,7 +145,8 @@ def test_pose_errors_for_training_and_held_out_views(pipeline):
     assert errors["test_within_15deg"] == held_out["within_15deg"]
     refitted = pose_errors(pred_test, gt_test, mode="rotation")  # what fitting on the judged views would give
     assert errors["test_rot_err_mean_deg"] != pytest.approx(refitted["rot_err_mean_deg"])
-    assert errors["rot_err_median_deg"] == pytest.approx(pose_errors(pred_train, gt_train, "rotation")["rot_err_median_deg"])
+    train = pose_errors(pred_train, gt_train, "rotation")
+    assert errors["rot_err_median_deg"] == pytest.approx(train["rot_err_median_deg"])
 
 
 def test_eval_batches_do_not_shift_the_training_batches(tiny_lego):
@@ -304,7 +305,8 @@ def golden_config(root: Path, seed: int = 0, steps: int = 1000):
     config.pipeline.datamanager.data = make_tiny_lego(root / "lego100", n_train=100, n_eval=10)
     dm, model = config.pipeline.datamanager, config.pipeline.model
     dm.loss_pixels_per_image, dm.score_pixels_per_image, dm.noise_warmup_steps, dm.seed = 128, 32, 800, seed
-    model.num_samples, model.field.resolution, model.field.coarse_to_fine_steps, model.random_route_steps = 24, 32, 800, 800
+    model.num_samples, model.field.resolution = 24, 32
+    model.field.coarse_to_fine_steps = model.random_route_steps = 800
     config.machine.device_type, config.machine.seed = "cpu", seed
     config.max_num_iterations, config.steps_per_save, config.steps_per_eval_batch = steps, 10**9, 10**9
     config.steps_per_eval_image, config.vis, config.output_dir = 10**9, "tensorboard", root / "outputs"
