@@ -74,11 +74,15 @@ class FactorizedUNetConfig:
     """How the decoder passes use the masks. soft: the softmax probabilities (paper). hard (ours): a one-hot
     argmax in the forward pass with the softmax's gradient in the backward pass (straight-through), so a
     region's decoder pass really cannot see the other regions. Segmentation always reads the softmax."""
-    mask_centering: bool = False
-    """Ours: subtract from the mask logits their mean per region over the batch and pixels (running mean at
-    inference, like BatchNorm without scaling). No region can then take every pixel of the batch: collapse to
-    one region is ruled out by construction rather than penalised by a loss whose gradient vanishes once the
-    softmax saturates."""
+    mask_logit_norm: Literal["none", "center", "standardize"] = "none"
+    """Ours: normalise the mask logits over the batch and pixels before the softmax, with running statistics at
+    inference (like BatchNorm). center: subtract each region's mean logit, so no region can take every pixel of
+    the batch (collapse to one region is ruled out by construction, not penalised by a loss whose gradient
+    vanishes once the softmax saturates). standardize: also divide by the logits' standard deviation and
+    multiply by ``mask_logit_gain``, so the masks can neither collapse nor fade to uniform: the mask generator
+    chooses where the regions are, not how confident they are."""
+    mask_logit_gain: float = 3.0
+    """Spread of the standardised mask logits (``mask_logit_norm=standardize``): larger = closer to one-hot."""
     mask_resize: Literal["area", "nearest"] = "area"
     """How masks are resized to the coarser skips. area (paper-like): block averages, which turn a period-2 split
     into 1/K one level down. nearest (ours): one pixel per block, so a split must hold at every scale."""
@@ -94,6 +98,10 @@ class FactorizedUNetConfig:
             raise ValueError(f"num_subregions must be >= 1, got {self.num_subregions}")
         if self.mask_pool < 1:
             raise ValueError(f"mask_pool must be >= 1, got {self.mask_pool}")
+        if self.mask_logit_norm not in ("none", "center", "standardize"):
+            raise ValueError(f"mask_logit_norm must be none, center or standardize, got {self.mask_logit_norm!r}")
+        if not self.mask_logit_gain > 0:
+            raise ValueError(f"mask_logit_gain must be > 0, got {self.mask_logit_gain}")
         if self.mask_mode not in ("soft", "hard"):
             raise ValueError(f"mask_mode must be soft or hard, got {self.mask_mode!r}")
         if self.mask_resize not in ("area", "nearest"):
@@ -170,22 +178,28 @@ def straight_through_one_hot(probs: Float[Tensor, "batch k height width"]) -> Fl
     return hard + probs - probs.detach()
 
 
-class LogitCentering(nn.Module):
-    """Logits minus their per-channel mean over batch and pixels; a running mean (momentum 0.1) at inference."""
+class LogitNorm(nn.Module):
+    """Logits minus their per-channel mean over batch and pixels (and, with ``scale``, divided by their standard
+    deviation over everything, times ``gain``); running statistics (momentum 0.1) at inference."""
 
-    def __init__(self, channels: int, momentum: float = 0.1) -> None:
+    def __init__(self, channels: int, scale: bool, gain: float, momentum: float = 0.1) -> None:
         super().__init__()
-        self.momentum = momentum
+        self.scale, self.gain, self.momentum = scale, gain, momentum
         self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_std", torch.ones(()))
 
     def forward(self, logits: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
         if self.training:
             mean = logits.mean(dim=(0, 2, 3))
+            centred = logits - mean[None, :, None, None]
+            std = centred.pow(2).mean().add(1e-10).sqrt()
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().float(), self.momentum)
+                self.running_std.lerp_(std.detach().float(), self.momentum)
         else:
-            mean = self.running_mean.to(logits)
-        return logits - mean[None, :, None, None]
+            centred = logits - self.running_mean.to(logits)[None, :, None, None]
+            std = self.running_std.to(logits)
+        return centred * (self.gain / std) if self.scale else centred
 
 
 class FactorizedUNet(nn.Module):
@@ -205,7 +219,8 @@ class FactorizedUNet(nn.Module):
         k = config.num_regions
         if config.scheme != "plain":
             self.mask_generator = UNetDecoder(trunk, skip_c, mid_c, k)
-            self.mask_centering = LogitCentering(k) if config.mask_centering else None
+            self.mask_logit_norm = (LogitNorm(k, config.mask_logit_norm == "standardize", config.mask_logit_gain)
+                                    if config.mask_logit_norm != "none" else None)
         if config.scheme == "hierarchical":
             self.submask_generator = UNetDecoder(trunk, skip_c, mid_c, config.num_subregions)
         if config.scheme == "concat":
@@ -242,8 +257,8 @@ class FactorizedUNet(nn.Module):
     ) -> Float[Tensor, "batch k height width"]:
         """Stage 3: the mask generator's softmax over the K regions."""
         logits = self.mask_generator(h_mid, skips, temb)
-        if self.mask_centering is not None:
-            logits = self.mask_centering(logits)
+        if self.mask_logit_norm is not None:
+            logits = self.mask_logit_norm(logits)
         return self._softmax_masks(logits)
 
     def _softmax_masks(self, logits: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:

@@ -191,17 +191,17 @@ def test_negative_weights_are_refused():
 
 def test_logit_centering_removes_a_constant_preference_for_one_region():
     torch.manual_seed(0)
-    model = FactorizedUNetConfig(**TINY, mask_centering=True).setup()
+    model = FactorizedUNetConfig(**TINY, mask_logit_norm="center").setup()
     with torch.no_grad():
         model.mask_generator.conv_out.bias.copy_(torch.tensor([8.0, -8.0]))  # a generator that "collapsed"
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
     h_mid, skips, temb = model.encode(x, t)
     logits = model.mask_generator(h_mid, skips, temb)
-    centred = model.mask_centering(logits)
+    centred = model.mask_logit_norm(logits)
     torch.testing.assert_close(centred.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
     usage = model.masks(h_mid, skips, temb).mean(dim=(0, 2, 3))
     assert usage.min() > 0.2  # without centering region 0 would hold ~all pixels
-    assert model.mask_centering.running_mean[0] > 0.5  # the running mean followed the batch mean
+    assert model.mask_logit_norm.running_mean[0] > 0.5  # the running mean followed the batch mean
     model.eval()  # inference subtracts the running mean, whatever the batch
     one = model.masks(*model.encode(x[:1], t[:1]))
     assert torch.isfinite(one).all()
@@ -214,3 +214,17 @@ def test_vertical_flips_are_drawn_only_when_asked():
     assert (rows[:, 0] > rows[:, -1]).any() and (rows[:, 0] < rows[:, -1]).any()
     grids = random_view_grid(64, 4, 4, EquivarianceConfig(flip=False, vflip=False, max_shift=0), gen)
     assert (grids[:, 0, 0, 1] < grids[:, -1, 0, 1]).all()
+
+
+def test_standardized_logits_can_neither_collapse_nor_fade_to_uniform():
+    torch.manual_seed(0)
+    model = FactorizedUNetConfig(**TINY, mask_logit_norm="standardize", mask_logit_gain=3.0).setup()
+    with torch.no_grad():  # a generator whose logits are nearly constant: uniform soft masks without the norm
+        model.mask_generator.conv_out.weight.mul_(1e-3)
+        model.mask_generator.conv_out.bias.copy_(torch.tensor([8.0, -8.0]))
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    masks = model.masks(*model.encode(x, t))
+    assert masks.mean(dim=(0, 2, 3)).min() > 0.2  # both regions used
+    assert masks.amax(dim=1).mean() > 0.8  # and confident
+    model.eval()
+    assert torch.isfinite(model.masks(*model.encode(x[:1], t[:1]))).all()
