@@ -75,12 +75,11 @@ class FactorizedUNetConfig:
     argmax in the forward pass with the softmax's gradient in the backward pass (straight-through), so a
     region's decoder pass really cannot see the other regions. Segmentation always reads the softmax."""
     mask_logit_norm: Literal["none", "center", "standardize"] = "none"
-    """Ours: normalise the mask logits over the batch and pixels before the softmax, with running statistics at
-    inference (like BatchNorm). center: subtract each region's mean logit, so no region can take every pixel of
-    the batch (collapse to one region is ruled out by construction, not penalised by a loss whose gradient
-    vanishes once the softmax saturates). standardize: also divide by the logits' standard deviation and
-    multiply by ``mask_logit_gain``, so the masks can neither collapse nor fade to uniform: the mask generator
-    chooses where the regions are, not how confident they are."""
+    """Ours: normalise each image's mask logits over its pixels before the softmax. center: subtract each region's
+    mean logit, so no region can take every pixel (collapse to one region is ruled out by construction, not
+    penalised by a loss whose gradient vanishes once the softmax saturates). standardize: also divide by the
+    logits' standard deviation and multiply by ``mask_logit_gain``, so the masks can neither collapse nor fade to
+    uniform: the mask generator chooses where the regions are, not how confident they are."""
     mask_logit_gain: float = 3.0
     """Spread of the standardised mask logits (``mask_logit_norm=standardize``): larger = closer to one-hot."""
     mask_resize: Literal["area", "nearest"] = "area"
@@ -179,27 +178,20 @@ def straight_through_one_hot(probs: Float[Tensor, "batch k height width"]) -> Fl
 
 
 class LogitNorm(nn.Module):
-    """Logits minus their per-channel mean over batch and pixels (and, with ``scale``, divided by their standard
-    deviation over everything, times ``gain``); running statistics (momentum 0.1) at inference."""
+    """Per image: logits minus each channel's mean over the pixels (and, with ``scale``, divided by their standard
+    deviation over channels and pixels, times ``gain``). Per image rather than per batch: the logits' statistics
+    change with t, so batch running statistics (BatchNorm) would shift the argmax at the read-out t."""
 
-    def __init__(self, channels: int, scale: bool, gain: float, momentum: float = 0.1) -> None:
+    def __init__(self, scale: bool, gain: float) -> None:
         super().__init__()
-        self.scale, self.gain, self.momentum = scale, gain, momentum
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_std", torch.ones(()))
+        self.scale, self.gain = scale, gain
 
     def forward(self, logits: Float[Tensor, "batch k height width"]) -> Float[Tensor, "batch k height width"]:
-        if self.training:
-            mean = logits.mean(dim=(0, 2, 3))
-            centred = logits - mean[None, :, None, None]
-            std = centred.pow(2).mean().add(1e-10).sqrt()
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().float(), self.momentum)
-                self.running_std.lerp_(std.detach().float(), self.momentum)
-        else:
-            centred = logits - self.running_mean.to(logits)[None, :, None, None]
-            std = self.running_std.to(logits)
-        return centred * (self.gain / std) if self.scale else centred
+        centred = logits - logits.mean(dim=(2, 3), keepdim=True)
+        if not self.scale:
+            return centred
+        std = centred.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-10).sqrt()
+        return centred * (self.gain / std)
 
 
 class FactorizedUNet(nn.Module):
@@ -219,7 +211,7 @@ class FactorizedUNet(nn.Module):
         k = config.num_regions
         if config.scheme != "plain":
             self.mask_generator = UNetDecoder(trunk, skip_c, mid_c, k)
-            self.mask_logit_norm = (LogitNorm(k, config.mask_logit_norm == "standardize", config.mask_logit_gain)
+            self.mask_logit_norm = (LogitNorm(config.mask_logit_norm == "standardize", config.mask_logit_gain)
                                     if config.mask_logit_norm != "none" else None)
         if config.scheme == "hierarchical":
             self.submask_generator = UNetDecoder(trunk, skip_c, mid_c, config.num_subregions)

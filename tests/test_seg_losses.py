@@ -196,15 +196,13 @@ def test_logit_centering_removes_a_constant_preference_for_one_region():
         model.mask_generator.conv_out.bias.copy_(torch.tensor([8.0, -8.0]))  # a generator that "collapsed"
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
     h_mid, skips, temb = model.encode(x, t)
-    logits = model.mask_generator(h_mid, skips, temb)
-    centred = model.mask_logit_norm(logits)
-    torch.testing.assert_close(centred.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
-    usage = model.masks(h_mid, skips, temb).mean(dim=(0, 2, 3))
-    assert usage.min() > 0.2  # without centering region 0 would hold ~all pixels
-    assert model.mask_logit_norm.running_mean[0] > 0.5  # the running mean followed the batch mean
-    model.eval()  # inference subtracts the running mean, whatever the batch
-    one = model.masks(*model.encode(x[:1], t[:1]))
-    assert torch.isfinite(one).all()
+    centred = model.mask_logit_norm(model.mask_generator(h_mid, skips, temb))
+    torch.testing.assert_close(centred.mean(dim=(2, 3)), torch.zeros(4, 2), atol=1e-5, rtol=0)
+    usage = model.masks(h_mid, skips, temb).mean(dim=(2, 3))
+    assert usage.min() > 0.2  # every image uses both regions; without centering region 0 holds ~all pixels
+    model.eval()  # per-image statistics: the same masks in eval mode and for an image alone
+    torch.testing.assert_close(model.masks(*model.encode(x[:1], t[:1])), model.masks(h_mid, skips, temb)[:1],
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_vertical_flips_are_drawn_only_when_asked():
