@@ -576,9 +576,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 writer.add_scalar("train/images_per_s", (bar.format_dict.get("rate") or 0.0) * per_rank, step)
                 for name, value in zip(terms, values[1:]):
                     writer.add_scalar(name, value, step)
-        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
-            check_loss()
-            save_grid()
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            check_loss()  # on every process: under torchrun on cuda it is a collective
+            if rank == 0:
+                save_grid()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             save_checkpoint()
         if cfg.time_budget_s is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +141,22 @@ def test_cuda_loop_trains_with_images_on_the_device_and_stops_on_nonfinite_loss(
     with pytest.raises(TrainingDiverged, match="not finite"):
         train(tiny(images, tmp_path / "nan", device="cuda", lr=1e30, warmup_steps=0, max_steps=20, log_every=5))
     assert not (tmp_path / "nan" / "checkpoints" / "latest.pt").exists()
+
+
+def test_deferred_check_under_torchrun_stops_every_process_without_hanging(images, tmp_path):
+    """The cuda loop's collective checks (2 gloo processes, the deferred path forced): a check before the rank-0-only
+    sample grid must run on every process, or the other one waits forever."""
+    script = tmp_path / "deferred_train.py"
+    script.write_text("import sys\nimport factorized_seg.trainer as t\nfrom factorized_seg.cli import main\n"
+                      "t.defers_host_reads = lambda device: True\nsys.exit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "train", "--data", str(images), "--output-dir", str(tmp_path / "run"), "--resolution", "8",
+           "--model.base-channels", "8", "--model.channel-mults", "1", "2", "--model.norm-groups", "4",
+           "--model.no-mid-attention", "--diffusion.num-timesteps", "50", "--batch-size", "4", "--max-steps", "8",
+           "--lr", "1e30", "--warmup-steps", "0", "--log-every", "5", "--sample-every", "1",
+           "--sample-generate-steps", "1", "--checkpoint-every", "0", "--no-progress", "--threads", "1",
+           "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("training diverged at step 2: the loss is not finite") == 2, res.stderr[-3000:]
