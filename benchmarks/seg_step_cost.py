@@ -12,7 +12,8 @@ The headline ratio is the median over rounds of (factorized step / plain step) f
 
 Also: stage costs (forward + backward of the encoder + middle, the mask generator, the decoder on B and on B*K
 rows) timed the same way, FLOPs of every variant (torch.utils.flop_counter), and a torch.profiler table of the
-factorized K=2 step (top ops by self CPU time) written next to the JSON.
+factorized K=2 step (top ops by self CPU time) written next to the JSON. ``--with-channels-last`` adds plain and
+K=2 in channels_last (the trainer's ``--use-channels-last``) to the same rounds.
 """
 
 from __future__ import annotations
@@ -97,16 +98,21 @@ class Variant:
     name: str
     model: FactorizedUNetConfig
     cls: Optional[type] = None
+    channels_last: bool = False
+    """channels_last for this variant even when the config says otherwise."""
 
 
-def variants(preset: TrainConfig, ks=(2, 3), proposals: bool = False) -> List[Variant]:
-    """plain, factorized K=... of the preset's width, and (``proposals``) the prototypes at K=2."""
+def variants(preset: TrainConfig, ks=(2, 3), proposals: bool = False, channels_last: bool = False) -> List[Variant]:
+    """plain, factorized K=... of the preset's width, (``proposals``) the prototypes at K=2, and (``channels_last``)
+    plain and K=2 in channels_last."""
     base = preset.model
     out = [Variant("plain", dataclasses.replace(base, scheme="plain"))]
     out += [Variant(f"factorized K={k}", dataclasses.replace(base, scheme="factorized", num_regions=k)) for k in ks]
     if proposals:
         k2 = dataclasses.replace(base, scheme="factorized", num_regions=2)
         out += [Variant(f"K=2 {name}", k2, cls) for name, cls in PROTOTYPES.items()]
+    if channels_last:
+        out += [Variant(f"{v.name} NHWC", v.model, channels_last=True) for v in out[:2]]
     return out
 
 
@@ -116,6 +122,8 @@ def make_step(cfg: TrainConfig, variant: Variant, batch: int, device: torch.devi
     model follows ``cfg.use_channels_last`` / ``use_compile`` / ``use_bf16``. ``step.compile_s`` holds the
     compile time (0 without compiling); ``step.model`` the model."""
     torch.manual_seed(seed)
+    if variant.channels_last:
+        cfg = dataclasses.replace(cfg, use_channels_last=True)
     model = (variant.cls(variant.model) if variant.cls is not None else variant.model.setup()).to(device)
     fmt = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
     if cfg.use_channels_last:
@@ -250,6 +258,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5, help="factorized K=2 steps under the profiler")
     parser.add_argument("--channels-last", action="store_true", help="every variant in channels_last (the "
                         "trainer's --use-channels-last)")
+    parser.add_argument("--with-channels-last", action="store_true", help="also plain and K=2 in channels_last, "
+                        "in the same rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: share the machine)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "seg_step_cost.json")
@@ -259,7 +269,7 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = dataclasses.replace(PRESETS[args.preset], use_channels_last=args.channels_last)
     batch = args.batch or cfg.batch_size
-    vs = variants(cfg, proposals=args.proposals)
+    vs = variants(cfg, proposals=args.proposals, channels_last=args.with_channels_last)
     steps = {v.name: make_step(cfg, v, batch, device) for v in vs}
     params = {v.name: sum(p.numel() for p in steps[v.name].model.parameters()) for v in vs}
     flops = {v.name: step_flops(steps[v.name]) for v in vs}
