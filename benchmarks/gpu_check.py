@@ -87,24 +87,24 @@ def plan(smoke: bool, only: Optional[List[str]] = None) -> List[Item]:
     backend = "aot_eager" if smoke else "inductor"  # CPU inductor builds take minutes: smoke checks the path only
     items = [Item("env", "env", {"lifting": True}, 60, 0, 10)]
 
-    def seg(batch: int, mode: str, scheme: str = "factorized", limit: float = 60, budget: float = 15) -> Item:
+    def seg(batch: int, mode: str, scheme: str = "factorized", limit: float = 90, budget: float = 15) -> Item:
         return Item(f"seg/{seg_preset}/b{batch}/{mode}" + ("" if scheme == "factorized" else f"/{scheme}"), "seg",
                     {"preset": seg_preset, "batch": batch, "compile": mode == "compiled", "backend": backend,
                      "scheme": scheme, "smoke": smoke},
-                    limit * (0.5 if smoke else 1), budget * s, 20 if smoke else (90 if mode == "compiled" else 30))
+                    limit * (0.5 if smoke else 1), budget * s, 20 if smoke else (120 if mode == "compiled" else 40))
 
     def lifting(sampler: str, impl: str) -> Item:
         return Item(f"lifting/{sampler}/{impl}", "lifting", {"sampler": sampler, "impl": impl, **lift,
                                                              "smoke": smoke}, 75, 25 * s, 20 if smoke else 35)
 
-    items += [seg(batches[1], "eager"), seg(batches[1], "compiled", limit=180)]
+    items += [seg(batches[1], "eager"), seg(batches[1], "compiled", limit=240)]
     items += [lifting("proposal", "torch"), lifting("uniform", "torch")]
     items += [Item("seg/trainer-syncs", "syncs", {"smoke": smoke}, 90 * (0.5 if smoke else 1), 0,
                    20 if smoke else 40)]
     items += [lifting(smp, impl) for impl in HASHES for smp in SAMPLERS if (smp, impl) not in
               (("proposal", "torch"), ("uniform", "torch"))]
     items += [seg(batches[0], "eager"), seg(batches[1], "eager", scheme="plain"),
-              seg(batches[0], "compiled", limit=150)]
+              seg(batches[0], "compiled", limit=200)]
     if only:
         items = [it for it in items if it.name == "env" or it.name.startswith(tuple(only))]
     items[0].args["lifting"] = any(it.kind == "lifting" for it in items)  # env probes gen_lifting only if needed
