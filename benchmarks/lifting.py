@@ -11,10 +11,20 @@ Methods (every one is a registered nerfstudio method, trained by nerfstudio's Tr
   nerfacto-gt-poses        : nerfstudio's nerfacto with the true poses (upper bound, CPU-sized).
   nerfacto-camopt-no-poses : nerfacto + its CameraOptimizer (SO3xR3), every training camera starting at one
                              point of the sphere (the "refine-only" peer: poses that carry no information).
+  colmap                   : the peer a user with unposed photos runs first: pycolmap (``pip install -e .[bench]``)
+                             on the training images (RGBA composited on white, resized with Lanczos to each
+                             ``--colmap-px`` long side from the scene's stored images), SIFT, exhaustive matching,
+                             incremental mapping with the scene's intrinsics held fixed, CPU, ``--threads`` threads.
+                             Rows ``colmap-<px>px``; the largest model is scored. Not a nerfstudio method: COLMAP
+                             is the tool users run instead; no field, so PSNR / SSIM / LPIPS are null.
 Test metrics: PSNR / SSIM / LPIPS (AlexNet) on held-out views; gen-lifting renders each from the pose it
 predicts for that view, the others from the true test pose. Pose errors: training cameras after aligning
 predicted to true cameras (rotation about the origin for 360 scenes, orientation + similarity for LLFF); held-out
 (``test_*``): every held-out view's predicted pose under the alignment fitted on the training views.
+colmap: training views only (no held-out poses); a similarity alignment of the registered views to the true cameras
+(on centres for 360 scenes, on orientations for LLFF, as gen-lifting's forward-facing evaluation), and
+``within_15deg`` is a share of ALL training views: an unregistered view counts as a miss. Ground truth is read only
+for that evaluation (COLMAP gets images, focal length and principal point).
 Prints a table and writes JSON with machine, command and git commit.
 """
 
@@ -31,9 +41,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
@@ -102,8 +115,9 @@ def is_llff(scene: str) -> bool:
 
 
 def runs_on(method: str, scene: str) -> bool:
-    """gen-lifting-single(-oracle) is for forward-facing (LLFF) scenes, the rest of gen-lifting and nerfacto for 360."""
-    return method.startswith("gen-lifting-single") == is_llff(scene)
+    """gen-lifting-single(-oracle) is for forward-facing (LLFF) scenes, the rest of gen-lifting and nerfacto for 360;
+    colmap for both."""
+    return method == "colmap" or method.startswith("gen-lifting-single") == is_llff(scene)
 
 
 def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
@@ -229,6 +243,157 @@ def camera_optimizer_pose_errors(pipe, original_scene: Path) -> Dict[str, float]
     return {k: errors[k] for k in ("rot_err_median_deg", "rot_err_mean_deg", "within_15deg")}
 
 
+BENCH_EXTRA = "pycolmap is not installed: the colmap baseline needs the bench extra: pip install -e '.[bench]'"
+
+
+def import_pycolmap():
+    """pycolmap, or a one-line SystemExit naming the missing extra."""
+    try:
+        import pycolmap
+    except ImportError:
+        raise SystemExit(f"error: {BENCH_EXTRA}") from None
+    return pycolmap
+
+
+def scene_train_views(scene: str):
+    """The training split as the methods see it: (image files, nerfstudio Cameras with the true poses), from the
+    scene's own dataparser at its stored resolution (no downscaling)."""
+    from gen_lifting.datasets import resolve_data
+
+    data = resolve_data(scene)
+    if is_llff(scene):
+        from gen_lifting.llff_dataparser import LLFFDataParserConfig
+
+        parser = LLFFDataParserConfig(data=data, downscale_factor=1)
+    else:
+        from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+        parser = BlenderDataParserConfig(data=data)
+    outputs = parser.setup().get_dataparser_outputs("train")
+    return [Path(f) for f in outputs.image_filenames], outputs.cameras
+
+
+def write_colmap_images(files: List[Path], px: int, out: Path) -> float:
+    """The images COLMAP reads: RGB (alpha composited on white, the background the NeRF methods train with),
+    long side ``px`` (Lanczos; 0 = as stored). Returns the resize factor. Refuses to upsample."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    factor = 1.0
+    for i, path in enumerate(files):
+        img = Image.open(path)
+        if img.mode in ("RGBA", "LA", "P"):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        img = img.convert("RGB")
+        long_side = max(img.size)
+        if px and px != long_side:
+            if px > long_side:
+                raise SystemExit(f"error: --colmap-px {px} is larger than the stored images ({img.size[0]}x{img.size[1]},"
+                                 f" {path}); pass a larger copy of the scene (e.g. ../shared/data/nerf_synthetic/lego)")
+            factor = px / long_side
+            img = img.resize((round(img.size[0] * factor), round(img.size[1] * factor)), Image.LANCZOS)
+        img.save(out / f"{i:04d}.png")
+    return factor
+
+
+def colmap_c2w(cam_from_world: np.ndarray) -> torch.Tensor:
+    """COLMAP's world-to-camera [3, 4] (OpenCV axes: y down, z forward) as a camera-to-world in nerfstudio's
+    OpenGL axes (y up, z backward)."""
+    rot, trans = cam_from_world[:, :3], cam_from_world[:, 3]
+    c2w = np.concatenate([rot.T, (-rot.T @ trans)[:, None]], axis=1)
+    c2w[:, 1:3] *= -1  # flip the camera's y and z axes
+    return torch.from_numpy(c2w)
+
+
+def registered_pose_metrics(
+    pred_c2w: Float[Tensor, "num_reg 3 4"], registered: Bool[Tensor, "num_views"],
+    gt_c2w: Float[Tensor, "num_views 3 4"], mode: str, threshold_deg: float = 15.0,
+) -> Dict[str, Any]:
+    """Pose errors of a method that poses only some views: the registered views (rows of ``pred_c2w``, in view
+    order) are aligned to their true cameras (``alignment.pose_errors``, ``mode``) and scored; ``within_15deg`` is
+    the share of ALL views within ``threshold_deg`` (an unregistered view is a miss), ``within_15deg_registered``
+    the share of the registered ones. Fewer than 3 registered views cannot be aligned: errors are None."""
+    from gen_lifting.alignment import pose_errors
+
+    num_views, num_reg = int(registered.numel()), int(registered.sum())
+    if pred_c2w.shape[0] != num_reg or gt_c2w.shape[0] != num_views:
+        raise ValueError(f"{pred_c2w.shape[0]} predicted poses for {num_reg} registered of {num_views} views "
+                         f"({gt_c2w.shape[0]} true poses)")
+    key = f"within_{threshold_deg:g}deg"
+    result: Dict[str, Any] = {"registered": num_reg, "num_views": num_views, "registered_share": num_reg / num_views,
+                              "rot_err_median_deg": None, "rot_err_mean_deg": None, key: 0.0,
+                              key + "_registered": None, "center_dist_median": None}
+    if num_reg < 3:
+        return result
+    errors = pose_errors(pred_c2w, gt_c2w[registered], mode=mode, threshold_deg=threshold_deg)
+    result.update({k: errors[k] for k in ("rot_err_median_deg", "rot_err_mean_deg", "center_dist_median")})
+    result[key + "_registered"] = errors[key]
+    result[key] = errors[key] * num_reg / num_views
+    return result
+
+
+def run_colmap(scene: str, px: int, args: argparse.Namespace, tmp: Path) -> Dict[str, Any]:
+    """COLMAP on the scene's training images at long side ``px`` (see the module docstring); metrics row."""
+    pycolmap = import_pycolmap()
+    files, cameras = scene_train_views(scene)
+    images = tmp / "images"
+    factor = write_colmap_images(files, px, images)
+    # known intrinsics (the scene's, scaled with the images); one shared pinhole camera, never refined
+    f = float(cameras.fx[0]) * factor
+    cx, cy = float(cameras.cx[0]) * factor, float(cameras.cy[0]) * factor
+    reader = pycolmap.ImageReaderOptions(camera_model="SIMPLE_PINHOLE", camera_params=f"{f},{cx},{cy}")
+    extraction = pycolmap.FeatureExtractionOptions(num_threads=args.threads, use_gpu=False)
+    matching = pycolmap.FeatureMatchingOptions(num_threads=args.threads, use_gpu=False)
+    mapping = pycolmap.IncrementalPipelineOptions(
+        num_threads=args.threads, random_seed=args.seed, ba_refine_focal_length=False,
+        ba_refine_principal_point=False, ba_refine_extra_params=False)
+    mapping.mapper.abs_pose_refine_focal_length = False
+    mapping.mapper.abs_pose_refine_extra_params = False
+    mapping.mapper.num_threads = args.threads
+    mapping.mapper.random_seed = args.seed
+    mapping.triangulation.random_seed = args.seed
+    pycolmap.set_random_seed(args.seed)
+    database, sparse = tmp / "database.db", tmp / "sparse"
+    sparse.mkdir()
+    start = time.time()
+    pycolmap.extract_features(database, images, camera_mode=pycolmap.CameraMode.SINGLE, reader_options=reader,
+                              extraction_options=extraction, device=pycolmap.Device.cpu)
+    extract_s = time.time() - start
+    pycolmap.match_exhaustive(database, matching_options=matching, device=pycolmap.Device.cpu)
+    match_s = time.time() - start - extract_s
+    models = pycolmap.incremental_mapping(database, images, sparse, options=mapping)
+    wall_s = time.time() - start
+
+    num_views = len(files)
+    registered = torch.zeros(num_views, dtype=torch.bool)
+    poses: Dict[int, torch.Tensor] = {}
+    if models:  # a user keeps the largest model
+        best = max(models.values(), key=lambda rec: rec.num_reg_images())
+        for image in best.images.values():
+            if image.has_pose:
+                index = int(Path(image.name).stem)
+                poses[index] = colmap_c2w(np.asarray(image.cam_from_world().matrix()))
+                registered[index] = True
+    pred = torch.stack([poses[i] for i in sorted(poses)]) if poses else torch.zeros(0, 3, 4, dtype=torch.float64)
+    mode = "orientation" if is_llff(scene) else "similarity"
+    metrics = registered_pose_metrics(pred, registered, cameras.camera_to_worlds.double(), mode)
+    width, height = image_size(images / "0000.png")
+    metrics.update(psnr=None, ssim=None, lpips=None, steps=None, train_s=wall_s, extract_s=extract_s,
+                   match_s=match_s, map_s=wall_s - extract_s - match_s, num_models=len(models),
+                   image_width=width, image_height=height, focal_px=f, alignment=mode,
+                   pycolmap_version=pycolmap.__version__, threads=args.threads)
+    return metrics
+
+
+def image_size(path: Path) -> Tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock seconds per method")
@@ -241,8 +406,12 @@ def main() -> None:
     parser.add_argument("--log-every-s", type=float, default=60.0, help="progress line interval (0 = off)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                         help="config overrides for every method, e.g. pipeline.model.field.resolution=32")
+    parser.add_argument("--colmap-px", type=int, nargs="+", default=[0],
+                        help="colmap: long sides of the images COLMAP reads, one run each (0 = as stored)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lifting.json")
     args = parser.parse_args()
+    if "colmap" in args.methods:
+        import_pycolmap()  # fail before any training if the extra is missing
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     commit = git_commit()  # the code this run executes (taken now, not when the JSON is written)
@@ -251,6 +420,14 @@ def main() -> None:
         results[scene] = {}
         for method in args.methods:
             if not runs_on(method, scene):
+                continue
+            if method == "colmap":
+                for px in args.colmap_px:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        print(f"== {scene} / colmap at {px or 'stored'} px", flush=True)
+                        metrics = run_colmap(scene, px, args, Path(tmp))
+                    results[scene][f"colmap-{max(metrics['image_width'], metrics['image_height'])}px"] = metrics
+                    print(f"   {json.dumps(metrics)}", flush=True)
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 config = build_config(method, scene, args, Path(tmp))
@@ -268,10 +445,13 @@ def main() -> None:
     nan = float("nan")
     for scene, rows in results.items():
         for method, m in rows.items():
-            print(f"{scene:6s} {method:26s} {m['psnr']:6.2f} {m['ssim']:6.3f} {m['lpips']:6.3f} "
-                  f"{m.get('rot_err_median_deg', nan):8.1f} {m.get('within_15deg', nan):8.2f} "
-                  f"{m.get('test_rot_err_median_deg', nan):8.1f} {m.get('test_within_15deg', nan):8.2f} "
-                  f"{int(m['steps']):7d}")
+            v = {k: nan if m.get(k) is None else m[k] for k in ("psnr", "ssim", "lpips", "rot_err_median_deg",
+                 "within_15deg", "test_rot_err_median_deg", "test_within_15deg", "steps")}  # colmap: no field, no steps
+            print(f"{scene:6s} {method:26s} {v['psnr']:6.2f} {v['ssim']:6.3f} {v['lpips']:6.3f} "
+                  f"{v['rot_err_median_deg']:8.1f} {v['within_15deg']:8.2f} "
+                  f"{v['test_rot_err_median_deg']:8.1f} {v['test_within_15deg']:8.2f} {v['steps']:7.0f}")
+            if "registered" in m:
+                print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
     write_result(args.out, commit, budget_s=args.budget_s, seed=args.seed, scenes=results)
 
 

@@ -2,9 +2,12 @@
 
     python benchmarks/lifting_table.py benchmarks/results/lifting.json benchmarks/results/lifting_*.json
     python benchmarks/lifting_table.py --by-seed benchmarks/results/lifting_3seed_*.json
+    python benchmarks/lifting_table.py --colmap benchmarks/results/lifting_colmap.json
 
 The first form prints one row per file, scene and method. ``--by-seed`` groups the rows by scene, method and
 overrides and prints, per group, the seeds it holds, the value of every seed and the mean over seeds.
+``--colmap`` prints the COLMAP baseline's rows (registered views, share of all training views within 15 deg,
+median error of the registered ones, wall time). Values a method does not have (COLMAP's PSNR) show as '-'.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ def per_file(paths: List[str]) -> None:
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for scene, method, sets, seed, source, m in rows(paths):
         note = ", ".join(([sets] if sets else []) + [f"seed {seed}"])
-        print(f"| {scene} | {method} | {note} | {source} | {int(m['steps'])} | "
-              f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['lpips']:.3f} | "
+        print(f"| {scene} | {method} | {note} | {source} | {fmt(m.get('steps'), '.0f')} | "
+              f"{fmt(m.get('psnr'), '.2f')} | {fmt(m.get('ssim'), '.3f')} | {fmt(m.get('lpips'), '.3f')} | "
               f"{pair(m, 'rot_err_median_deg', '.1f')} | {pair(m, 'within_15deg', '.2f')} |")
 
 
@@ -76,12 +79,25 @@ def by_seed(paths: List[str]) -> None:
               f"{cell(items, 'psnr', '.2f')} | {cell(items, 'steps', '.0f')} |")
 
 
+def colmap(paths: List[str]) -> None:
+    print("| scene | px | registered | within 15 deg (all views) | rot. err. median (deg, registered) | seconds "
+          "| result file @ commit |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for scene, method, _, seed, source, m in rows(paths):
+        if "registered" not in m:
+            continue
+        px = max(m["image_width"], m["image_height"])
+        print(f"| {scene} | {px} | {m['registered']}/{m['num_views']} | {m['within_15deg']:.2f} | "
+              f"{fmt(m['rot_err_median_deg'], '.2f')} | {m['train_s']:.1f} | {source}, seed {seed} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="result JSON files of benchmarks/lifting.py")
     parser.add_argument("--by-seed", action="store_true", help="one row per scene/method/overrides over seeds")
+    parser.add_argument("--colmap", action="store_true", help="the COLMAP baseline's rows")
     args = parser.parse_args()
-    (by_seed if args.by_seed else per_file)(args.files)
+    (colmap if args.colmap else by_seed if args.by_seed else per_file)(args.files)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""benchmarks/lifting.py's COLMAP baseline: the metric (unregistered views are misses), COLMAP's camera convention,
+the one-line error without the bench extra, and (with pycolmap installed) a 64-px lego run of the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import lifting  # noqa: E402
+
+
+def _cameras(n: int, radius: float = 4.0) -> torch.Tensor:
+    """OpenGL c2w [n, 3, 4] on a sphere, looking at the origin (z up)."""
+    g = torch.Generator().manual_seed(0)
+    azimuth = torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi
+    elevation = torch.rand(n, generator=g, dtype=torch.float64) * 1.2 + 0.1
+    back = torch.stack([elevation.cos() * azimuth.cos(), elevation.cos() * azimuth.sin(), elevation.sin()], 1)
+    right = torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand_as(back), back)
+    right = right / right.norm(dim=1, keepdim=True)
+    up = torch.linalg.cross(back, right)
+    return torch.cat([torch.stack([right, up, back], dim=2), radius * back[:, :, None]], dim=2)
+
+
+def _other_frame(c2w: torch.Tensor, scale: float = 0.3) -> torch.Tensor:
+    """The same cameras in an arbitrary similarity frame (as COLMAP's reconstruction is)."""
+    rotation = torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]], dtype=c2w.dtype)
+    out = c2w.clone()
+    out[:, :, :3] = rotation @ c2w[:, :, :3]
+    out[:, :, 3] = scale * c2w[:, :, 3] @ rotation.T + torch.tensor([1.0, 2.0, -3.0], dtype=c2w.dtype)
+    return out
+
+
+def _rotate_about_own_z(c2w: torch.Tensor, degrees: float) -> torch.Tensor:
+    angle = math.radians(degrees)
+    turn = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0],
+                         [0.0, 0.0, 1.0]], dtype=c2w.dtype)
+    out = c2w.clone()
+    out[:, :, :3] = c2w[:, :, :3] @ turn
+    return out
+
+
+def test_unregistered_views_count_as_misses():
+    gt = _cameras(10)
+    registered = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)  # 6 of 10
+    pred = _other_frame(gt[registered])
+    pred[0] = _rotate_about_own_z(pred[:1], 40.0)[0]  # one registered view badly posed
+    m = lifting.registered_pose_metrics(pred, registered, gt, mode="similarity")
+    assert m["registered"] == 6 and m["num_views"] == 10 and m["registered_share"] == pytest.approx(0.6)
+    assert m["within_15deg_registered"] == pytest.approx(5 / 6)
+    assert m["within_15deg"] == pytest.approx(5 / 10)  # the 4 unregistered views are misses
+    assert m["rot_err_median_deg"] < 1.0  # the alignment is fitted through the outlier (Umeyama on centres)
+
+
+def test_fewer_than_three_registered_views_have_no_error():
+    gt = _cameras(5)
+    registered = torch.tensor([1, 0, 0, 1, 0], dtype=torch.bool)
+    m = lifting.registered_pose_metrics(_other_frame(gt[registered]), registered, gt, mode="similarity")
+    assert m["registered"] == 2 and m["within_15deg"] == 0.0
+    assert m["rot_err_median_deg"] is None and m["within_15deg_registered"] is None
+    with pytest.raises(ValueError, match="predicted poses"):
+        lifting.registered_pose_metrics(gt[:3], registered, gt, mode="similarity")
+
+
+def test_colmap_world_to_camera_becomes_opengl_camera_to_world():
+    c2w = _cameras(4)
+    for pose in c2w:
+        opencv = pose.clone()
+        opencv[:, 1:3] *= -1  # camera y down, z forward
+        rot, centre = opencv[:, :3], opencv[:, 3]
+        cam_from_world = torch.cat([rot.T, (-rot.T @ centre)[:, None]], dim=1)
+        assert torch.allclose(lifting.colmap_c2w(cam_from_world.numpy()), pose, atol=1e-9)
+
+
+def test_missing_extra_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycolmap", None)  # import pycolmap raises ImportError
+    with pytest.raises(SystemExit) as info:
+        lifting.import_pycolmap()
+    message = str(info.value)
+    assert "\n" not in message and "bench" in message and "pip install" in message
+
+
+def test_colmap_refuses_to_upsample(tmp_path):
+    from gen_lifting.datasets import resolve_data
+
+    files = sorted((resolve_data("lego") / "train").glob("*.png"))[:1]
+    with pytest.raises(SystemExit, match="larger than the stored images"):
+        lifting.write_colmap_images(files, 128, tmp_path)
+    assert lifting.write_colmap_images(files, 32, tmp_path) == pytest.approx(0.5)
+
+
+def test_colmap_cli_on_bundled_lego_64px(tmp_path):
+    pytest.importorskip("pycolmap")
+    out = tmp_path / "colmap.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "lifting.py"), "--methods", "colmap", "--scenes", "lego",
+                           "--colmap-px", "64", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "colmap-64px" in proc.stdout  # the table
+    result = json.loads(out.read_text())
+    assert result["commit"] and result["machine"] and result["seed"] == 0 and "--methods colmap" in result["command"]
+    m = result["scenes"]["lego"]["colmap-64px"]
+    assert m["num_views"] == 100 and 0 <= m["registered"] <= 100
+    assert m["image_width"] == m["image_height"] == 64 and m["threads"] == 1
+    assert 0.0 <= m["within_15deg"] <= m["registered"] / 100
+    assert m["psnr"] is None and m["train_s"] > 0
+    assert (m["rot_err_median_deg"] is None) == (m["registered"] < 3)
