@@ -9,13 +9,14 @@ present, nerfstudio's pure-torch hash grid otherwise, so the same config runs (s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Type
+from typing import Literal, Set, Tuple, Type
 
 import torch
 from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
 from nerfstudio.field_components.encodings import HashEncoding
 from nerfstudio.fields.nerfacto_field import NerfactoField
+from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 
 
@@ -84,6 +85,30 @@ def use_index_select_lookup(module: torch.nn.Module) -> None:
             sub.__class__ = IndexSelectHashEncoding
 
 
+def hash_implementation(module: torch.nn.Module) -> str:
+    """Which hash-grid lookup ``module``'s encodings use: 'tcnn', 'torch-index-select' (ours), 'torch' (nerfstudio's
+    ``table[idx]``), a '+'-joined mix, or 'none' without hash grids."""
+    kinds = sorted({"tcnn" if sub.tcnn_encoding is not None else
+                    "torch-index-select" if isinstance(sub, IndexSelectHashEncoding) else "torch"
+                    for sub in module.modules() if isinstance(sub, HashEncoding)})
+    return "+".join(kinds) or "none"
+
+
+_REPORTED: Set[Tuple[str, str]] = set()
+"""(what, implementation) pairs already reported in this process."""
+
+
+def report_implementation(what: str, module: torch.nn.Module) -> str:
+    """Log which hash-grid implementation ``what`` uses, once per process (and return it)."""
+    impl = hash_implementation(module)
+    if (what, impl) not in _REPORTED:
+        _REPORTED.add((what, impl))
+        why = "" if impl.startswith("tcnn") else (" (tinycudann not importable or no CUDA device)"
+                                                  if not tcnn_available() else " (asked for)")
+        CONSOLE.log(f"gen-lifting: hash grids of the {what}: {impl}{why}")
+    return impl
+
+
 @dataclass
 class HashFieldConfig(InstantiateConfig):
     """nerfstudio's NerfactoField (hash grid + MLP); the field of the GPU preset."""
@@ -120,4 +145,5 @@ class HashFieldConfig(InstantiateConfig):
         )
         if self.fast_torch_lookup:
             use_index_select_lookup(field)
+        report_implementation("radiance field", field)
         return field

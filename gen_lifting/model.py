@@ -39,6 +39,7 @@ from typing_extensions import Annotated
 from gen_lifting.datamanager import SPLIT_CODES, VIEW_KEY
 from gen_lifting.grid_field import GridFieldConfig
 from gen_lifting.hash_field import HashFieldConfig
+from gen_lifting.occupancy import OccupancySampling, OccupancySamplingConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
 from gen_lifting.proposal import ProposalSampling, ProposalSamplingConfig
 
@@ -57,14 +58,17 @@ class GenLiftingModelConfig(ModelConfig):
     _target: Type = field(default_factory=lambda: GenLiftingModel)
     pose_encoder: PoseEncoderConfig = field(default_factory=PoseEncoderConfig)
     """Encoder that predicts candidate cameras and their scores from the noisy image."""
-    sampler: Literal["uniform", "proposal"] = "uniform"
+    sampler: Literal["uniform", "proposal", "occupancy"] = "uniform"
     """'uniform': ``num_samples`` stratified samples per ray (CPU presets). 'proposal': nerfstudio's proposal-network
-    importance sampling, as in nerfacto (``--pipeline.model.proposal.*``; pure torch or tinycudann)."""
+    importance sampling, as in nerfacto (``--pipeline.model.proposal.*``; pure torch or tinycudann). 'occupancy':
+    nerfacc's occupancy grid and volume rendering, as in instant-ngp (``--pipeline.model.occupancy.*``; CUDA only)."""
     num_samples: int = 48
     """Samples per ray of the uniform sampler (stratified during training)."""
     # (before ``field``: that attribute shadows dataclasses.field in the class body)
     proposal: ProposalSamplingConfig = field(default_factory=ProposalSamplingConfig)
     """Proposal sampling, used when ``sampler='proposal'``."""
+    occupancy: OccupancySamplingConfig = field(default_factory=OccupancySamplingConfig)
+    """Occupancy-grid sampling, used when ``sampler='occupancy'``."""
     field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
     """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
     when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
@@ -101,10 +105,14 @@ class GenLiftingModel(Model):
         super().populate_modules()
         self.pose_encoder = self.config.pose_encoder.setup()
         self.field = self.config.field.setup(aabb=self.scene_box.aabb)
-        self.sampler: Optional[UniformSampler] = None  # exactly one of the two is built
+        self.sampler: Optional[UniformSampler] = None  # exactly one of the three is built
         self.proposal: Optional[ProposalSampling] = None
+        self.occupancy: Optional[OccupancySampling] = None
         if self.config.sampler == "proposal":
             self.proposal = self.config.proposal.setup(aabb=self.scene_box.aabb)
+        elif self.config.sampler == "occupancy":  # CUDA only: a one-line error for a CPU run
+            self.occupancy = self.config.occupancy.setup(aabb=self.scene_box.aabb, field=self.field,
+                                                         device=self.kwargs.get("device"))
         else:
             self.sampler = UniformSampler(num_samples=self.config.num_samples)
         self.renderer_rgb = RGBRenderer(background_color=self.config.background_color)
@@ -134,6 +142,8 @@ class GenLiftingModel(Model):
         callbacks = [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], set_step)]
         if self.proposal is not None:
             callbacks += self.proposal.training_callbacks()
+        if self.occupancy is not None:  # the grid learns from the field once per step, never from a render
+            callbacks += self.occupancy.training_callbacks()
         trainer, pipeline = training_callback_attributes.trainer, training_callback_attributes.pipeline
         if self.config.viewer_frustum_every > 0 and trainer is not None and pipeline is not None:
             from gen_lifting.viewer_frustums import update_viewer_frustums
@@ -162,6 +172,8 @@ class GenLiftingModel(Model):
 
     # ----------------------------------------------------------------------------------- rendering
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
+        if self.occupancy is not None:  # packed samples, rendered with nerfacc
+            return self.occupancy(ray_bundle, self.renderer_rgb)
         if self.proposal is not None:
             samples, weights_list, samples_list = self.proposal(ray_bundle)
         else:
@@ -270,7 +282,8 @@ class GenLiftingModel(Model):
         return outputs
 
     def scoring_pass(self):
-        """Context for the no-gradient candidate renders: they must not use up the proposal sampler's update."""
+        """Context for the no-gradient candidate renders: they must not use up the proposal sampler's update. (The
+        occupancy grid needs none: no render writes it, see gen_lifting/occupancy.py.)"""
         return self.proposal.schedule_untouched() if self.proposal is not None else contextlib.nullcontext()
 
     def get_metrics_dict(self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]) -> Dict[str, Tensor]:

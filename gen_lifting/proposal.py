@@ -4,8 +4,9 @@ Why not nerfacc's ``PropNetEstimator`` / ``OccGridEstimator``: their sampling ru
 0.5.2; measured on this CPU), so a preset built on them could not run or be tested on a CPU. nerfstudio's
 ``ProposalNetworkSampler`` is the same estimator (small hash-grid density fields, PDF resampling, the
 interlevel loss of mip-NeRF 360) in pure torch, with tinycudann grids when they are installed: one config runs
-on both. Nothing here is re-implemented; this module only wires nerfstudio's parts together and keeps
-candidate scoring from consuming the sampler's update schedule.
+on both. Nothing here is re-implemented; this module only wires nerfstudio's parts together and keeps candidate
+scoring from consuming the sampler's update schedule. (nerfacc's occupancy grid is the CUDA-only alternative:
+gen_lifting/occupancy.py, ``sampler='occupancy'``.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nerfstudio.model_components.losses import interlevel_loss
 from nerfstudio.model_components.ray_samplers import ProposalNetworkSampler, UniformSampler
 from torch import Tensor, nn
 
-from gen_lifting.hash_field import resolve_implementation, use_index_select_lookup
+from gen_lifting.hash_field import report_implementation, resolve_implementation, use_index_select_lookup
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ProposalSampling(nn.Module):
         ])
         if impl == "torch":
             use_index_select_lookup(self.networks)
+        report_implementation("proposal fields", self.networks)
         self.density_fns: List[Callable] = [net.density_fn for net in self.networks]
 
         def update_schedule(step: int) -> float:
