@@ -13,6 +13,22 @@ from gen_lifting.datasets import DataNotFoundError, resolve_data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _TO_RGB = "convert them to RGB, e.g. PIL: Image.open(p).convert('RGB').save(p)"
+_HIGH_BIT_TO_RGB = (
+    "save it as 8-bit RGB with its range kept, e.g. Image.fromarray((np.asarray(Image.open(p)) // 257)"
+    ".astype('uint8')).convert('RGB').save(p) (Image.open(p).convert('RGB') would clip it to white)"
+)
+# 16-bit RGB(A) PNGs need nothing: Pillow decodes them to 8 bits with their range (the high byte of each value), so
+# every loader here and nerfstudio's read them right. 16-bit grayscale has no such decoding: convert("RGB") clips it
+# to 255 and nerfstudio's np.array(image, dtype="uint8") wraps it, so it is refused with the fix that keeps the range.
+
+
+def is_high_bit_depth_grayscale(mode: str) -> bool:
+    """Pillow modes of 16-bit grayscale PNGs ("I;16", "I;16B", ...; "I" from older Pillow)."""
+    return mode.startswith("I;16") or mode == "I"
+
+
+def high_bit_depth_message(path: Path, mode: str) -> str:
+    return f"image {path} is a 16-bit grayscale image (mode {mode}), not supported; {_HIGH_BIT_TO_RGB}"
 
 
 class SceneDataError(ValueError):
@@ -31,7 +47,9 @@ def check_image_folder_consistency(paths: Iterable[Path], allow_alpha: bool = Tr
                 mode, size = image.mode, image.size
         except (OSError, SyntaxError, ValueError) as err:
             raise SceneDataError(f"image {path} is corrupt or not an image ({err}); re-export or replace it") from None
-        if mode in ("1", "L", "LA", "I", "I;16", "F"):
+        if is_high_bit_depth_grayscale(mode):
+            raise SceneDataError(high_bit_depth_message(path, mode))
+        if mode in ("1", "L", "LA", "F"):
             raise SceneDataError(f"image {path} is grayscale (mode {mode}); {_TO_RGB}")
         if mode == "RGBA" and not allow_alpha:
             raise SceneDataError(f"image {path} has an alpha channel, not supported for this format; {_TO_RGB}")
@@ -100,3 +118,50 @@ def validate_scene(path: str | Path) -> str:
     raise SceneDataError(
         f"{root} has neither transforms_train.json (Blender) nor poses_bounds.npy (LLFF); point --data at a scene folder"
     )
+
+
+def scene_kind(root: Path) -> str | None:
+    """"blender" | "llff" from the pose file a scene folder holds (no image is read); None if neither."""
+    if (root / "transforms_train.json").is_file():
+        return "blender"
+    if (root / "poses_bounds.npy").is_file():
+        return "llff"
+    return None
+
+
+_KINDS = {"blender": "a Blender (360) scene (transforms_train.json)",
+          "llff": "an LLFF (forward-facing) scene (poses_bounds.npy)"}
+
+
+def check_scene_kind(data: str | Path | None, dataparser_config: object, oracle: bool = False) -> None:
+    """Refuse a scene of the other kind than the method's dataparser reads, naming the method to use instead.
+
+    ``ns-train gen-lifting --data fern`` would otherwise fail deep in nerfstudio's Blender parser with a
+    FileNotFoundError, and ``gen-lifting-single --data lego`` in the LLFF parser. Scenes of neither kind and
+    dataparsers other than Blender / LLFF are left to ``validate_scene`` and the dataparser.
+    """
+    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+    from gen_lifting.llff_dataparser import LLFFDataParserConfig
+
+    if isinstance(dataparser_config, LLFFDataParserConfig):
+        reads = "llff"
+    elif isinstance(dataparser_config, BlenderDataParserConfig):
+        reads = "blender"
+    else:
+        return
+    name = data if data is not None else getattr(dataparser_config, "data", None)
+    if name is None:
+        return
+    try:
+        root = resolve_data(name)
+    except DataNotFoundError:
+        return  # validate_scene names the problem
+    kind = scene_kind(root)
+    if kind is None or kind == reads:
+        return
+    suffix = "-oracle" if oracle else ""
+    method = {"blender": f"gen-lifting{suffix}", "llff": f"gen-lifting-single{suffix}"}[kind]
+    reads_what = {"blender": "Blender scenes (transforms_*.json)", "llff": "LLFF scenes (poses_bounds.npy)"}[reads]
+    raise SceneDataError(f"--data {name} is {_KINDS[kind]}, but this method reads {reads_what}; "
+                         f"use ns-train {method} --data {name}")

@@ -28,7 +28,8 @@ from jaxtyping import Float
 from PIL import Image
 
 from gen_lifting.compat import project_cache_dir
-from gen_lifting.data_checks import IMAGE_SUFFIXES, SceneDataError
+from gen_lifting.data_checks import (IMAGE_SUFFIXES, SceneDataError, high_bit_depth_message,
+                                     is_high_bit_depth_grayscale)
 from gen_lifting.datasets import resolve_data
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
@@ -135,6 +136,9 @@ class LLFFDataParser(DataParser):
 
 def _load_poses_bounds(root: Path) -> np.ndarray:
     path = root / "poses_bounds.npy"
+    if not path.is_file() and (root / "transforms_train.json").is_file():
+        raise SceneDataError(f"{root} is a Blender (360) scene (transforms_train.json), not an LLFF scene; train it "
+                             "with ns-train gen-lifting, or read it with the blender-data dataparser")
     if not path.is_file():
         raise SceneDataError(f"{root} has no poses_bounds.npy; an LLFF scene needs it (for Blender data use blender-data)")
     array = np.load(path)
@@ -151,6 +155,10 @@ def _image_files(root: Path, images_downscale: int, expected: int) -> List[Path]
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) != expected:
         raise SceneDataError(f"{folder} has {len(files)} images but poses_bounds.npy has {expected} poses; they must match")
+    for path in files:  # header only: nerfstudio's loader would wrap 16-bit grayscale values to 8 bits
+        with Image.open(path) as image:
+            if is_high_bit_depth_grayscale(image.mode):
+                raise SceneDataError(high_bit_depth_message(path, image.mode))
     return files
 
 

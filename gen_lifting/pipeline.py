@@ -16,18 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 import torchvision.utils as vutils
 from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gen_lifting import guards
+from gen_lifting.data_checks import SceneDataError, check_scene_kind
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.model import GenLiftingModelConfig
 
@@ -44,6 +47,9 @@ class GenLiftingPipelineConfig(VanillaPipelineConfig):
     eval_pose_seed: int = 1234
     """Seed of the small noise added to held-out images before posing them (reproducible eval)."""
 
+    def __post_init__(self) -> None:
+        guards.check_flags(self)  # tyro builds this while parsing: before ns-train writes anything
+
 
 class GenLiftingPipeline(VanillaPipeline):
     config: GenLiftingPipelineConfig
@@ -53,6 +59,11 @@ class GenLiftingPipeline(VanillaPipeline):
         # nerfstudio wraps the model as DDP(model, device_ids=[local_rank]), which DDP refuses for a CPU module; on a
         # CPU (gloo) the parent builds a single-process pipeline and the model is wrapped here without device ids.
         on_cpu = torch.device(device).type == "cpu"
+        try:  # before nerfstudio's dataparser reads the files of the wrong scene kind (a 49-line traceback)
+            dm = config.datamanager
+            check_scene_kind(dm.data, dm.dataparser, oracle=dm.use_dataset_poses)
+        except SceneDataError as err:
+            raise SystemExit(f"error: {err}") from None
         super().__init__(config, device, test_mode, 1 if on_cpu else world_size, local_rank, grad_scaler)
         if on_cpu and world_size > 1:
             self.world_size = self.datamanager.world_size = world_size
@@ -74,6 +85,17 @@ class GenLiftingPipeline(VanillaPipeline):
         ffmpeg_on_path()  # ns-render needs one; only for loaded gen-lifting runs, never at import
 
     # ----------------------------------------------------------------------------------- training
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        """The datamanager's and model's callbacks, then the divergence guard (gen_lifting/guards.py); turns on
+        deterministic mode here (training only) when ``GEN_LIFTING_DETERMINISTIC`` asks for it."""
+        if guards.deterministic_mode_requested():
+            guards.apply_deterministic_mode(self.device)
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        guard = guards.nonfinite_guard(training_callback_attributes)
+        return callbacks + ([guard] if guard is not None else [])
+
     @profiler.time_function
     def get_train_loss_dict(self, step: int):
         _, batch = self.datamanager.next_train(step)

@@ -1,0 +1,135 @@
+"""What keeps a gen-lifting training run honest: flags checked before anything is written, a stop on divergence
+that never saves a non-finite checkpoint, and an opt-in deterministic mode.
+
+nerfstudio's Trainer keeps training (and saving) when the loss turns non-finite; ``nonfinite_guard`` is a training
+callback that stops the run instead. It runs after every optimiser step and *before* the Trainer's save of that step
+(``Trainer.train``: callbacks, then eval, then ``save_checkpoint``), so the newest checkpoint on disk is always the
+last finite one (with ``save_only_latest_checkpoint`` nerfstudio deletes older ones only after a save).
+It checks the optimised weights, not the loss: a non-finite loss makes the weights non-finite at that step's
+optimiser step, and under ``--mixed-precision`` an overflowing fp16 loss is expected and skipped by the grad scaler
+without touching the weights, so the weights are exactly what must not be saved or trained on.
+
+Deterministic mode (``GEN_LIFTING_DETERMINISTIC=1``): one intra-op thread and ``torch.use_deterministic_algorithms``
+for the training process; everything else is already seeded (``--machine.seed`` for the weights,
+``--pipeline.datamanager.seed`` for the batches, ``--pipeline.eval-pose-seed`` for evaluation). Two runs with one seed
+then write bit-identical checkpoints on CPU (tests/test_lifting_reliability.py). It is applied when training starts,
+for the ns-train process only, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
+
+import torch
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+
+if TYPE_CHECKING:
+    from gen_lifting.pipeline import GenLiftingPipelineConfig
+
+DETERMINISTIC_ENV = "GEN_LIFTING_DETERMINISTIC"
+"""Environment variable that turns on deterministic mode for ``ns-train gen-lifting*`` (1/true/yes)."""
+
+
+class FlagError(SystemExit):
+    """A flag out of range; the message is one line naming the flag, its value and what it must be."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def check_flags(config: "GenLiftingPipelineConfig") -> None:
+    """Refuse out-of-range datamanager / model flags with one line, before ns-train writes anything.
+
+    Called from ``GenLiftingPipelineConfig.__post_init__``, which tyro runs while parsing the command line, i.e.
+    before ``ns-train`` saves config.yml or builds the trainer.
+    """
+    dm, model = config.datamanager, config.model
+    at_least_one: List[Tuple[str, int]] = [
+        ("pipeline.datamanager.images-per-batch", dm.images_per_batch),
+        ("pipeline.datamanager.loss-pixels-per-image", dm.loss_pixels_per_image),
+        ("pipeline.datamanager.score-pixels-per-image", dm.score_pixels_per_image),
+        ("pipeline.model.num-samples", model.num_samples),
+    ]
+    for flag, value in at_least_one:
+        if value < 1:
+            raise FlagError(f"--{flag} must be >= 1, got {value}")
+    if dm.noise_warmup_steps < 0:
+        raise FlagError(f"--pipeline.datamanager.noise-warmup-steps must be >= 0, got {dm.noise_warmup_steps}")
+    num_timesteps = dm.diffusion.num_timesteps
+    if num_timesteps < 1:
+        raise FlagError(f"--pipeline.datamanager.diffusion.num-timesteps must be >= 1, got {num_timesteps}")
+    if not 0 <= dm.eval_timestep < num_timesteps:
+        raise FlagError(f"--pipeline.datamanager.eval-timestep must be in [0, {num_timesteps - 1}] "
+                        f"(the schedule's T = {num_timesteps}), got {dm.eval_timestep}")
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+def _lr_flags(optimizers) -> str:
+    """``--optimizers.<group>.optimizer.lr <current / 10>`` for every optimiser group."""
+    flags = []
+    for name, optimizer in optimizers.optimizers.items():
+        lr = optimizer.param_groups[0]["lr"]
+        flags.append(f"--optimizers.{name.replace('_', '-')}.optimizer.lr {lr / 10:g}")
+    return " ".join(flags)
+
+
+def _all_finite(params: Iterable[torch.Tensor]) -> bool:
+    flags = [torch.isfinite(p).all() for p in params]
+    return bool(torch.stack(flags).all()) if flags else True  # one host sync per step
+
+
+@dataclass
+class NonFiniteGuard:
+    """Stops training when an optimised weight becomes non-finite (see the module docstring)."""
+
+    attributes: TrainingCallbackAttributes
+
+    def __call__(self, step: int) -> None:
+        optimizers = self.attributes.optimizers
+        params = [p for group in optimizers.parameters.values() for p in group]
+        if _all_finite(params):
+            return
+        trainer = self.attributes.trainer
+        kept = "no checkpoint was written"
+        if trainer is not None:
+            saved = sorted(trainer.checkpoint_dir.glob("step-*.ckpt")) if trainer.checkpoint_dir.is_dir() else []
+            if saved:
+                kept = f"the last good checkpoint {saved[-1]} is kept"
+            trainer.shutdown()  # stops the viewer's server thread so the process can exit
+        raise FlagError(f"training diverged at step {step} (non-finite loss: the weights became NaN/inf); {kept}; "
+                        f"lower the learning rate, e.g. {_lr_flags(optimizers)}")
+
+
+def nonfinite_guard(attributes: TrainingCallbackAttributes) -> Optional[TrainingCallback]:
+    """The guard as a callback after every training iteration (None without optimisers, e.g. ns-eval)."""
+    if attributes.optimizers is None:
+        return None
+    return TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], NonFiniteGuard(attributes))
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def deterministic_mode_requested() -> bool:
+    return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def apply_deterministic_mode(device: str) -> None:
+    """One thread and deterministic kernels for this (training) process.
+
+    On CUDA some kernels (scatter/index_add backward of the grids) have no deterministic version: torch then warns
+    instead of failing (``warn_only``), so bit-identical runs are guaranteed on CPU only.
+    """
+    torch.set_num_threads(1)
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=on_cuda)
