@@ -4,6 +4,7 @@
     gen-lifting predict-pose --load-config RUN/config.yml --image photo.png --output-dir out/
     gen-lifting sample --load-config RUN/config.yml --output-dir out/ --seed 0
     gen-lifting orbit --load-config RUN/config.yml --output-dir out/
+    gen-lifting view --load-config RUN/config.yml            # nerfstudio's viewer on 127.0.0.1 (ns-viewer: 0.0.0.0)
 """
 
 from __future__ import annotations
@@ -112,6 +113,40 @@ class Orbit:
 
 
 @dataclass
+class View:
+    """Open a trained run in nerfstudio's viewer, listening on this machine only (127.0.0.1).
+
+    ``ns-viewer --load-config`` binds every network interface (0.0.0.0) by nerfstudio's default; this starts the same
+    viewer (nerfstudio's RunViewer, unchanged) on --host. From another machine: ssh -L 7007:127.0.0.1:7007 host.
+    """
+
+    load_config: Path
+    """config.yml of a trained gen-lifting run."""
+    host: str = "127.0.0.1"
+    """Address the viewer binds: 127.0.0.1 serves this machine only; 0.0.0.0 serves every network interface."""
+    port: Optional[int] = None
+    """Port of the viewer (None: 7007, or the next free one)."""
+
+    def main(self) -> None:
+        from gen_lifting.inference import InferenceError
+
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise InferenceError(f"--port must be in 1..65535 (or omitted for 7007), got {self.port}")
+        if not self.load_config.is_file():
+            raise InferenceError(f"{self.load_config} does not exist; pass the config.yml that ns-train wrote in "
+                                 "its run folder")
+        from nerfstudio.scripts.viewer.run_viewer import RunViewer, ViewerConfigWithoutNumRays
+
+        import method_configs.gen_lifting  # noqa: F401  (as load_pipeline: the plugin's configs for config.yml)
+
+        viewer = ViewerConfigWithoutNumRays(websocket_host=self.host, websocket_port=self.port)
+        try:
+            RunViewer(load_config=self.load_config, viewer=viewer).main()  # serves until interrupted
+        except KeyboardInterrupt:
+            pass
+
+
+@dataclass
 class Demo:
     """Train the CPU preset of gen-lifting on the bundled 64x64 lego, then write test renders and an orbit."""
 
@@ -163,6 +198,7 @@ Commands = Union[
     Annotated[PredictPose, tyro.conf.subcommand("predict-pose")],
     Annotated[Sample, tyro.conf.subcommand("sample")],
     Annotated[Orbit, tyro.conf.subcommand("orbit")],
+    Annotated[View, tyro.conf.subcommand("view")],
 ]
 
 
