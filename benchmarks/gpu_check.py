@@ -10,11 +10,18 @@ costs that item only; items that no longer fit the total budget are recorded as 
   lifting/<sampler>/<hash>    gen-lifting-gpu steps (candidate scoring + the winner's render, forward + backward,
                               built and timed by benchmarks/sampling_cost.py's helpers) for every sampler name in
                               ``SAMPLERS`` that ``GenLiftingModelConfig.sampler`` accepts, and every hash-grid
-                              implementation usable here (``torch``: the index_select lookup; ``tcnn``).
+                              implementation usable here (``torch``: the index_select lookup; ``tcnn``); records
+                              the hash implementation the built model uses. ``occupancy`` (nerfacc's grid) is
+                              CUDA-only: on a CPU it is recorded as skipped, with the reason. An item that cannot
+                              run here is recorded as skipped with ``why``, never as an error.
   seg/paper64/b<N>/<mode>     factorized-seg ``paper64`` training step (loss, backward, clipping, Adam, EMA; built
                               by benchmarks/seg_step_cost.py) with bf16 autocast and channels_last, batch 64 and 128,
                               eager and torch.compile'd (compile time separate); plus the plain U-Net of the same
                               width at batch 128 (the factorized/plain ratio on a GPU).
+  lifting/nerfacc-build       where an occupancy item will run (CUDA): nerfacc's CUDA extension compiled in the
+                              background from the end of the env item (NERFACC_BUILD_LIMIT_S, NERFACC_CUB_SHIM);
+                              the first occupancy item waits for it; its time and the items it overlapped are
+                              recorded. A failed build skips the occupancy items with its error.
   seg/trainer-syncs           the real ``factorized-seg train`` loop under CUDA's sync debug mode: host syncs per
                               step, and the source lines that cause them.
 Writes ONE JSON (default benchmarks/results/gpu_check.json, or gpu_check_smoke.json with --smoke): machine, GPU,
@@ -53,7 +60,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 SAMPLERS = ("uniform", "proposal", "occupancy")
-"""Sampler names to try; those GenLiftingModelConfig.sampler does not accept are recorded as not available."""
+"""Sampler names to try; those GenLiftingModelConfig.sampler does not accept, or that cannot run here, are
+recorded as skipped."""
 HASHES = ("torch", "tcnn")
 DEVICE_WHEELS = ("appdirs", "defusedxml", "diffusers", "dill", "docstring-parser", "gsplat", "msgspec", "nerfacc",
                  "nerfstudio", "pyquaternion", "pysocks", "pytorch-msssim", "rawpy", "roma", "splines", "tensorly",
@@ -62,6 +70,19 @@ DEVICE_WHEELS = ("appdirs", "defusedxml", "diffusers", "dill", "docstring-parser
 (/work/.library/device/KINDS.md, 2026-11-17) does not have."""
 TOTAL_S = 450.0
 """Budget of the whole check (8 minutes minus start-up and margin)."""
+NERFACC_BUILD_LIMIT_S = 300.0
+"""nerfacc 0.5.2 from PyPI compiles its CUDA extension on first use (minutes). The check builds it in the background
+from the end of the env item (MAX_JOBS=5: the GPU items leave the CPU cores idle) and waits for it, at most this
+long and never past the budget, before the first occupancy item; the wait counts against the budget."""
+NERFACC_CUB_SHIM = """#pragma once
+#include <cub/version.cuh>
+#if CUB_VERSION >= 300000  /* CUDA 13's CCCL 3 removed cub::Equality, which nerfacc 0.5.2's scan.cu uses */
+#include <cuda/std/functional>
+namespace cub { using Equality = ::cuda::std::equal_to<>; }
+#endif
+"""
+"""Pre-included into nerfacc's .cu files for this check's build only (``NVCC_APPEND_FLAGS``): the H200 image's nvcc
+is 13.0 and nerfacc 0.5.2's sources do not compile against it unmodified (seen on this machine's nvcc 13.0)."""
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -98,11 +119,12 @@ def plan(smoke: bool, only: Optional[List[str]] = None) -> List[Item]:
                                                              "smoke": smoke}, 75, 25 * s, 20 if smoke else 35)
 
     items += [seg(batches[1], "eager"), seg(batches[1], "compiled", limit=240)]
-    items += [lifting("proposal", "torch"), lifting("uniform", "torch")]
+    # the issue's headline pair first (occupancy vs proposal), so a slow compile above cannot crowd them out
+    items += [lifting("proposal", "torch"), lifting("occupancy", "torch"), lifting("uniform", "torch")]
     items += [Item("seg/trainer-syncs", "syncs", {"smoke": smoke}, 90 * (0.5 if smoke else 1), 0,
                    20 if smoke else 40)]
     items += [lifting(smp, impl) for impl in HASHES for smp in SAMPLERS if (smp, impl) not in
-              (("proposal", "torch"), ("uniform", "torch"))]
+              (("proposal", "torch"), ("occupancy", "torch"), ("uniform", "torch"))]
     items += [seg(batches[0], "eager"), seg(batches[1], "eager", scheme="plain"),
               seg(batches[0], "compiled", limit=200)]
     if smoke:  # the cheap seg items first: on a slow CPU the lifting items are the ones left out
@@ -178,6 +200,8 @@ def run_env(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
             out["samplers"] = accepted_samplers()
         except Exception as err:  # gen_lifting not importable: every lifting item will say so
             out["samplers_error"] = f"{type(err).__name__}: {str(err).strip()[:160]}"
+        else:
+            out["sampler_unavailable"] = {name: why for name in SAMPLERS if (why := sampler_unavailable(name))}
         out["tcnn"] = hash_available("tcnn") is None
     return out
 
@@ -189,6 +213,16 @@ def accepted_samplers() -> List[str]:
     from gen_lifting.model import GenLiftingModelConfig
 
     return list(typing.get_args(typing.get_type_hints(GenLiftingModelConfig)["sampler"]))
+
+
+def sampler_unavailable(sampler: str) -> Optional[str]:
+    """None if a sampler GenLiftingModelConfig accepts can run here, else why not (the occupancy grid: CUDA only)."""
+    if sampler != "occupancy":
+        return None
+    from gen_lifting.occupancy import cuda_unavailable_reason
+
+    why = cuda_unavailable_reason(device_name())
+    return f"CUDA-only (nerfacc's occupancy-grid sampling): {why}" if why else None
 
 
 def hash_available(impl: str) -> Optional[str]:
@@ -208,10 +242,10 @@ def run_lifting(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
 
     accepted = accepted_samplers()
     if args["sampler"] not in accepted:
-        return {"status": "not available", "why": f"GenLiftingModelConfig.sampler accepts {', '.join(accepted)}"}
-    why = hash_available(args["impl"])
+        return {"status": "skipped", "why": f"GenLiftingModelConfig.sampler accepts {', '.join(accepted)}"}
+    why = sampler_unavailable(args["sampler"]) or hash_available(args["impl"])
     if why:
-        return {"status": "not available", "why": why}
+        return {"status": "skipped", "why": why}
     import method_configs.gen_lifting as specs
     import sampling_cost
 
@@ -232,6 +266,12 @@ def run_lifting(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
         build_s = time.perf_counter() - t0
     finally:
         specs.gen_lifting_gpu = spec
+    from gen_lifting.hash_field import hash_implementation
+
+    model = pipe.model
+    occupancy = getattr(model, "occupancy", None)
+    if occupancy is not None:  # step 0: nerfacc's warm-up update estimates every cell of the grid from the field
+        sampling_cost.time_step(pipe, callbacks, 0)
     step_no = [10_000]  # past nerfacto's proposal-update warm-up, as sampling_cost.py
 
     def step() -> None:
@@ -241,6 +281,20 @@ def run_lifting(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
     smoke = args["smoke"]
     res = timed_loop(step, budget_s, warmup=1 if smoke else 3, chunk=1 if smoke else 5,
                      max_steps=2 if smoke else 100)
+    extra: Dict[str, Any] = {"hash_impl_field": hash_implementation(model.field)}
+    if getattr(model, "proposal", None) is not None:
+        extra["hash_impl_proposal"] = hash_implementation(model.proposal.networks)
+    if occupancy is not None:  # after the timing: how sparse the (untrained field's) grid made the renders
+        counts: List[float] = []
+        hook = occupancy.register_forward_hook(
+            lambda module, inputs, out: counts.append(float(out["num_samples_per_ray"].float().mean())))
+        try:
+            step()
+        finally:
+            hook.remove()
+        extra.update(grid_occupied_fraction=float(occupancy.grid.binaries.float().mean()),
+                     samples_per_ray_winner=counts[-1], samples_per_ray_scoring=statistics.fmean(counts[:-1] or [0]),
+                     render_step_size=occupancy.render_step_size)
     try:
         height = int(pipe.datamanager.train_dataset.cameras.height.reshape(-1)[0])
     except (AttributeError, IndexError, TypeError):  # informative only
@@ -248,7 +302,7 @@ def run_lifting(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
     return {**res, "build_s": build_s, "images_per_step": args["images"],
             "images_per_s": res["steps_per_s"] * args["images"], "loss_pixels": args["loss_pixels"],
             "score_pixels": args["score_pixels"], "view_size": height, "what": "forward + backward (no optimizer)",
-            **peak_memory(), "device": str(pipe.device), "torch_threads": torch.get_num_threads()}
+            **extra, **peak_memory(), "device": str(pipe.device), "torch_threads": torch.get_num_threads()}
 
 
 def run_seg(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
@@ -280,6 +334,35 @@ def run_seg(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
             "num_regions": model.num_regions, "scheme": model.scheme, "bf16": device.type == "cuda",
             "channels_last": True, "params": sum(p.numel() for p in step.model.parameters()), "last_loss": loss,
             **peak_memory()}
+
+
+def run_nerfacc_build(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
+    """Build (or load) nerfacc's CUDA extension, through the same check the occupancy sampler makes at setup."""
+    t0 = time.perf_counter()
+    from gen_lifting.occupancy import nerfacc_extension_problem
+
+    why = nerfacc_extension_problem()
+    res = {"build_or_load_s": time.perf_counter() - t0, "max_jobs": os.environ.get("MAX_JOBS"),
+           "nvcc_append_flags": os.environ.get("NVCC_APPEND_FLAGS"),
+           "extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR")}
+    if why:
+        res.update(status="error", error=why)
+    return res
+
+
+def nerfacc_build_env(tmp: Path) -> Dict[str, str]:
+    """Environment of the nerfacc build and the occupancy items: the CUB shim, a fresh extensions folder, and the
+    CUDA headers of the nvidia pip wheels (cuBLAS's are not in every toolkit folder) on the include path."""
+    import site
+
+    shim = tmp / "nerfacc_cub_compat.h"
+    shim.write_text(NERFACC_CUB_SHIM)
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "5"),
+               TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"))
+    env["NVCC_APPEND_FLAGS"] = f"{os.environ.get('NVCC_APPEND_FLAGS', '')} -include {shim}".strip()
+    includes = sorted(str(inc) for root in site.getsitepackages() for inc in Path(root).glob("nvidia/*/include"))
+    env["CPATH"] = os.pathsep.join(includes + ([os.environ["CPATH"]] if os.environ.get("CPATH") else []))
+    return env
 
 
 def run_syncs(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
@@ -323,7 +406,7 @@ def run_syncs(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
             "syncs_by_line": dict(sorted(where.items(), key=lambda kv: -kv[1])[:25])}
 
 
-KINDS = {"env": run_env, "lifting": run_lifting, "seg": run_seg, "syncs": run_syncs}
+KINDS = {"env": run_env, "lifting": run_lifting, "seg": run_seg, "syncs": run_syncs, "nerfacc_build": run_nerfacc_build}
 
 
 def child(spec: str, out: Path) -> None:
@@ -354,26 +437,53 @@ def unavailable(item: Item, env: Dict[str, Any]) -> Optional[str]:
     samplers = env.get("samplers")
     if samplers is not None and item.args["sampler"] not in samplers:
         return f"GenLiftingModelConfig.sampler accepts {', '.join(samplers)}"
+    if item.args["sampler"] in env.get("sampler_unavailable", {}):
+        return env["sampler_unavailable"][item.args["sampler"]]
     if item.args["impl"] == "tcnn" and not env.get("tcnn"):
         return "tinycudann is not importable here (or no CUDA device)"
     return None
 
 
-def run_item(item: Item, limit_s: float) -> Dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
+class Started:
+    """An item's subprocess, started now (in its own process group, so a timeout also ends what it spawned, e.g. a
+    compiler); ``finish`` waits for its result."""
+
+    def __init__(self, item: Item, env: Optional[Dict[str, str]] = None) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.out = Path(self.tmp.name) / "result.json"
         spec = json.dumps({"kind": item.kind, "args": item.args, "budget_s": item.budget_s})
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--item", spec, "--item-out", str(out)]
-        t0 = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--item", spec, "--item-out", str(self.out)]
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env=env, start_new_session=True)
+
+    def finish(self, limit_s: float) -> Dict[str, Any]:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s, cwd=REPO)
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "error": f"killed after its {limit_s:.0f} s limit", "item_s": limit_s}
-        if out.is_file():
-            return json.loads(out.read_text())
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        return {"status": "error", "error": f"exit code {proc.returncode} without a result", "stderr_tail": tail,
-                "item_s": time.perf_counter() - t0}
+            try:
+                stdout, stderr = self.proc.communicate(timeout=max(limit_s - (time.perf_counter() - self.t0), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.communicate()
+                return {"status": "timeout", "error": f"killed after its {limit_s:.0f} s limit",
+                        "item_s": time.perf_counter() - self.t0}
+            if self.out.is_file():
+                return json.loads(self.out.read_text())
+            tail = (stderr or stdout).strip().splitlines()[-6:]
+            return {"status": "error", "error": f"exit code {self.proc.returncode} without a result",
+                    "stderr_tail": tail, "item_s": time.perf_counter() - self.t0}
+        finally:
+            self.tmp.cleanup()
+
+
+def run_item(item: Item, limit_s: float, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    return Started(item, env).finish(limit_s)
+
+
+BUILD_NAME = "lifting/nerfacc-build"
+
+
+def is_occupancy(item: Item) -> bool:
+    return item.kind == "lifting" and item.args["sampler"] == "occupancy"
 
 
 def wheels_command() -> str:
@@ -438,19 +548,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     commit = git_commit() or "unknown (no .git here: set BENCH_COMMIT=<commit>)"
     start = time.perf_counter()
     results: Dict[str, Dict[str, Any]] = {}
-    for item in plan(args.smoke, args.only):
+    items = plan(args.smoke, args.only)
+    build_tmp = tempfile.TemporaryDirectory()
+    build_env = nerfacc_build_env(Path(build_tmp.name))
+    build: Optional[Started] = None  # nerfacc's extension, built in the background (NERFACC_BUILD_LIMIT_S)
+    build_since, during_build = 0.0, []
+    for item in items:
         left = total - (time.perf_counter() - start)
         why = unavailable(item, results.get("env", {}))
+        if not why and is_occupancy(item) and build is not None:  # its kernels first
+            if BUILD_NAME not in results:
+                results[BUILD_NAME] = {**build.finish(min(NERFACC_BUILD_LIMIT_S, left)),
+                                       "started_at_s": build_since, "ran_during": during_build}
+                left = total - (time.perf_counter() - start)
+                r = results[BUILD_NAME]
+                print(f"[{time.perf_counter() - start:5.0f} s] {BUILD_NAME}: {r.get('status')} "
+                      f"{fmt(r.get('build_or_load_s'), '.0f')} s {r.get('error') or ''}", flush=True)
+            if results[BUILD_NAME].get("status") != "ok":
+                why = f"nerfacc's CUDA extension: {results[BUILD_NAME].get('error')}"
         if why:
-            results[item.name] = {"status": "not available", "why": why}
+            results[item.name] = {"status": "skipped", "why": why}
             continue
         if left < item.min_s:
             results[item.name] = {"status": "not run", "why": f"{left:.0f} s of the {total:.0f} s budget left"}
             continue
-        results[item.name] = run_item(item, min(item.limit_s, left))
+        if build is not None and BUILD_NAME not in results:
+            during_build.append(item.name)
+        results[item.name] = run_item(item, min(item.limit_s, left), build_env if is_occupancy(item) else None)
         r = results[item.name]
         print(f"[{time.perf_counter() - start:5.0f} s] {item.name}: {r.get('status')} "
               f"{fmt(r.get('steps_per_s'), '.2f')} steps/s {r.get('why') or r.get('error') or ''}", flush=True)
+        if item.name == "env" and any(is_occupancy(it) and not unavailable(it, r) for it in items):
+            build_since = time.perf_counter() - start
+            build = Started(Item(BUILD_NAME, "nerfacc_build", {}, NERFACC_BUILD_LIMIT_S, 0, 0), build_env)
+    if build is not None and BUILD_NAME not in results:  # no occupancy item was reached: end it
+        ended = build.finish(0)
+        results[BUILD_NAME] = {**ended, "status": ended["status"] if ended["status"] == "ok" else "not run",
+                               "why": "no occupancy item was reached; the background build was ended",
+                               "started_at_s": build_since, "ran_during": during_build}
+    build_tmp.cleanup()
     env = results.get("env", {})
     print_table(results)
     write_result(out, commit, gpu=env.get("gpu", "none"), torch=env.get("torch"),

@@ -49,13 +49,29 @@ def cuda_unavailable_reason(device: Optional[Union[str, torch.device]]) -> Optio
     return None
 
 
+def nerfacc_extension_problem() -> Optional[str]:
+    """None when nerfacc's CUDA extension loads, else why not. nerfacc 0.5.2 from PyPI compiles it on first use
+    (minutes; needs nvcc); 0.5.2's sources do not compile against CUDA 13's CUB (``cub::Equality`` is gone)."""
+    try:
+        from nerfacc.cuda._backend import _C
+    except Exception as err:  # the compiler's own output is already on the console
+        return f"nerfacc's CUDA extension did not build ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]})"
+    if _C is None:
+        return "nerfacc's CUDA extension is not built and no CUDA toolkit (nvcc) was found to build it"
+    return None
+
+
 def require_cuda(device: Optional[Union[str, torch.device]]) -> None:
-    """The one-line error of ``--pipeline.model.sampler occupancy`` off CUDA."""
+    """The one-line error of ``--pipeline.model.sampler occupancy`` off CUDA, or without nerfacc's CUDA kernels."""
+    alternatives = f"pass {SAMPLER_FLAG} proposal or {SAMPLER_FLAG} uniform, which run on CPU and GPU"
     why = cuda_unavailable_reason(device)
     if why is not None:
         raise SystemExit(f"{SAMPLER_FLAG} occupancy needs a CUDA GPU (nerfacc {nerfacc.__version__}'s occupancy-grid "
-                         f"sampling runs CUDA kernels only) and {why}: pass {SAMPLER_FLAG} proposal or "
-                         f"{SAMPLER_FLAG} uniform, which run on CPU and GPU")
+                         f"sampling runs CUDA kernels only) and {why}: {alternatives}")
+    why = nerfacc_extension_problem()
+    if why is not None:
+        raise SystemExit(f"{SAMPLER_FLAG} occupancy: {why}; install a nerfacc build for this torch and CUDA, or "
+                         f"{alternatives}")
 
 
 @dataclass
