@@ -1,6 +1,6 @@
 """gen-lifting's occupancy-grid sampler (nerfacc, CUDA only): selection through the real config path, the one-line
 error off CUDA, the grid's update schedule, and (with CUDA) training in which only the training callback, never
-the candidate scoring, changes the grid."""
+the candidate scoring, changes the grid. Also: the hash-grid implementation in use is reported once."""
 
 from __future__ import annotations
 
@@ -215,3 +215,25 @@ def test_ns_train_with_occupancy_saves_and_reloads_the_grid(tmp_path, tiny_lego)
     assert saved[key].any()
     _, pipe, _, _ = eval_setup(next((tmp_path / "outputs").rglob("config.yml")), test_mode="val")
     assert torch.equal(pipe.model.occupancy.grid.binaries.cpu(), saved[key])
+
+
+# ------------------------------------------------------------------------------------------------- hash grids
+
+
+def test_hash_implementation_is_reported_once_per_kind(monkeypatch, capsys):
+    """The hash-grid implementation in use is logged (once per process and kind), read from the built modules."""
+    import dataclasses
+
+    import gen_lifting.hash_field as hash_field
+
+    monkeypatch.setattr(hash_field, "_REPORTED", set())
+    config = hash_field.HashFieldConfig(num_levels=2, max_res=32, log2_hashmap_size=10, hidden_dim=8,
+                                        hidden_dim_color=8, implementation="torch")
+    aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    fields = [config.setup(aabb=aabb), config.setup(aabb=aabb)]
+    plain = dataclasses.replace(config, fast_torch_lookup=False).setup(aabb=aabb)
+    out = capsys.readouterr().out
+    assert out.count("hash grids of the radiance field: torch-index-select") == 1
+    assert out.count("hash grids of the radiance field: torch ") == 1  # nerfstudio's own lookup, asked for
+    assert [hash_field.hash_implementation(f) for f in (*fields, plain)] == ["torch-index-select"] * 2 + ["torch"]
+    assert hash_field.hash_implementation(torch.nn.Linear(2, 2)) == "none"
