@@ -55,7 +55,8 @@ def nerfacc_extension_problem() -> Optional[str]:
     try:
         from nerfacc.cuda._backend import _C
     except Exception as err:  # the compiler's own output is already on the console
-        return f"nerfacc's CUDA extension did not build ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]})"
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        return f"nerfacc's CUDA extension did not build ({type(err).__name__}: {first})"
     if _C is None:
         return "nerfacc's CUDA extension is not built and no CUDA toolkit (nvcc) was found to build it"
     return None

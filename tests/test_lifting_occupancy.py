@@ -75,7 +75,8 @@ def test_sampler_flag_parses_occupancy():
     import method_configs.gen_lifting as specs
 
     config = tyro.cli(type(specs.gen_lifting_gpu.config), default=specs.gen_lifting_gpu.config,
-                      args=["--pipeline.model.sampler", "occupancy", "--pipeline.model.occupancy.grid-resolution", "64"])
+                      args=["--pipeline.model.sampler", "occupancy",
+                            "--pipeline.model.occupancy.grid-resolution", "64"])
     assert config.pipeline.model.sampler == "occupancy"
     assert config.pipeline.model.occupancy.grid_resolution == 64
 
@@ -164,8 +165,8 @@ def test_occupancy_trains_and_only_training_changes_the_grid(tiny_lego, monkeypa
     outputs = model(batch)
     assert outputs["scores"].shape[1] > 1  # K candidates were scored
     with torch.no_grad(), model.scoring_pass():
-        model.render_pixel_outputs(outputs["c2w"].detach().reshape(-1, 3, 4)[:4], batch["score_pixels"][:1].expand(4,
-                                                                                                            -1, -1))
+        cams = outputs["c2w"].detach().reshape(-1, 3, 4)[:4]
+        model.render_pixel_outputs(cams, batch["score_pixels"][:1].expand(4, -1, -1))
     assert same(grid_state(model), snapshot) and updates == [0]
 
     # training steps through the pipeline with the callbacks, as ns-train runs them
@@ -184,7 +185,8 @@ def test_occupancy_trains_and_only_training_changes_the_grid(tiny_lego, monkeypa
     assert not same(grid_state(model), snapshot)
 
     # the winner's render sends gradients to the chosen camera, through nerfacc's packed rendering
-    outputs = model(pipe.datamanager.next_train(5)[1])
+    _, batch = pipe.datamanager.next_train(5)
+    outputs = model(batch)
     outputs["c2w"].retain_grad()
     sum(model.get_loss_dict(outputs, batch).values()).backward()
     assert outputs["c2w"].grad.abs().sum() > 0
