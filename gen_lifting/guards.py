@@ -63,6 +63,11 @@ def check_flags(config: "GenLiftingPipelineConfig") -> None:
     num_timesteps = dm.diffusion.num_timesteps
     if num_timesteps < 1:
         raise FlagError(f"--pipeline.datamanager.diffusion.num-timesteps must be >= 1, got {num_timesteps}")
+    beta_end = dm.diffusion.betas_range()[1]
+    if beta_end >= 1:  # the rule DiffusionSchedule enforces, here before anything is written
+        raise FlagError(f"--pipeline.datamanager.diffusion.beta-end as used (after the 1000 / T scaling, "
+                        f"T = {num_timesteps}) is {beta_end:g}, it must stay below 1; use more "
+                        "--pipeline.datamanager.diffusion.num-timesteps or a smaller beta-end")
     if not 0 <= dm.eval_timestep < num_timesteps:
         raise FlagError(f"--pipeline.datamanager.eval-timestep must be in [0, {num_timesteps - 1}] "
                         f"(the schedule's T = {num_timesteps}), got {dm.eval_timestep}")

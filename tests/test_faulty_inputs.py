@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -131,9 +132,46 @@ def console_script(name: str) -> Callable[[Sequence[str], pytest.CaptureFixture]
     return run
 
 
+def _in_process(main: Callable[[List[str]], object]) -> Callable[[Sequence[str], pytest.CaptureFixture],
+                                                                   Tuple[int, str, str]]:
+    """Runs a command whose errors are ``SystemExit``s in this process (as Python would print and exit)."""
+
+    def run(args: Sequence[str], capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
+        capsys.readouterr()
+        code: object = 0
+        try:
+            main(list(args))
+        except SystemExit as exit:
+            code = exit.code
+        if isinstance(code, str):  # SystemExit("error: ...") prints the message to stderr and exits with 1
+            print(code, file=sys.stderr)
+            code = 1
+        out = capsys.readouterr()
+        return int(code or 0), out.out, out.err
+
+    return run
+
+
+def ns_train_main(args: List[str]) -> None:
+    """``ns-train ARGS`` in this process (nerfstudio's entry point without its accent colour)."""
+    import tyro
+    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
+    from nerfstudio.scripts.train import main
+
+    main(tyro.cli(AnnotatedBaseConfigUnion, args=args))
+
+
+def gen_lifting_main(args: List[str]) -> None:
+    from gen_lifting.scripts.cli import entrypoint
+
+    entrypoint(args)
+
+
 RUNNERS: Dict[str, Callable[[Sequence[str], pytest.CaptureFixture], Tuple[int, str, str]]] = {
     "factorized-seg": run_seg_in_process,
     "factorized-seg-console": console_script("factorized-seg"),
+    "ns-train": _in_process(ns_train_main),
+    "gen-lifting": _in_process(gen_lifting_main),
 }
 
 
@@ -432,7 +470,157 @@ SEG_CASES: List[Case] = [
          setup=mask_without_prediction),
 ]
 
-CASES: List[Case] = SEG_CASES
+
+# --------------------------------------------------------------------------------------------- gen-lifting inputs
+# ns-train runs in this process. nerfstudio writes RUN/config.yml before any plugin code sees --data, so the cases
+# that reach the scene may leave that one file (``WROTE_CONFIG``); flag errors are raised while tyro parses the
+# command line, before anything is written.
+
+WROTE_CONFIG = ("outputs/*/config.yml",)
+
+
+def ns_train(ws: Workspace, method: str, data: object, *extra: object) -> List[object]:
+    return [method, "--data", data, "--output-dir", ws.root / "outputs", "--vis", "tensorboard",
+            "--machine.device-type", "cpu", *extra]
+
+
+def lego(ws: Workspace, n: int = 3) -> Path:
+    """A Blender scene of n bundled 64x64 lego frames per split (made once per workspace)."""
+    from gen_lifting.datasets import BUNDLED_DIR
+
+    root = ws.root / "lego"
+    if not root.is_dir():
+        src = BUNDLED_DIR / "lego"
+        for split in ("train", "val", "test"):
+            meta = json.loads((src / f"transforms_{split}.json").read_text())
+            meta["frames"] = meta["frames"][:n]
+            (root / split).mkdir(parents=True)
+            for frame in meta["frames"]:
+                shutil.copy(src / (frame["file_path"][2:] + ".png"), root / (frame["file_path"][2:] + ".png"))
+            (root / f"transforms_{split}.json").write_text(json.dumps(meta))
+    return root
+
+
+def llff(ws: Workspace, n: int = 4) -> Path:
+    """An LLFF scene: the first n poses of the bundled fern and n small random images (made once per workspace)."""
+    from gen_lifting.datasets import BUNDLED_DIR
+
+    root = ws.root / "fern"
+    if not root.is_dir():
+        (root / "images_8").mkdir(parents=True)
+        np.save(root / "poses_bounds.npy", np.load(BUNDLED_DIR / "fern" / "poses_bounds.npy")[:n])
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(root / "images_8" / f"im{i}.png")
+    return root
+
+
+def lego_frame(ws: Workspace, index: int = 1) -> Path:
+    return sorted((lego(ws) / "train").glob("*.png"))[index]
+
+
+def gray16(path: Path, size: Tuple[int, int] = (64, 64)) -> Path:
+    """Overwrite path with a 16-bit grayscale PNG at half scale (mode I;16)."""
+    Image.fromarray(np.full(size[::-1], 32768, np.uint16)).save(path)
+    return path
+
+
+def resize_frame(path: Path, size: Tuple[int, int]) -> Path:
+    with Image.open(path) as image:
+        image.resize(size).save(path)
+    return path
+
+
+def edit_json(path: Path, edit: Callable[[dict], None]) -> Path:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def no_checkpoint(ws: Workspace) -> None:
+    assert not list((ws.root / "outputs").rglob("*.ckpt")), "a checkpoint was written by a diverged run"
+
+
+def lifting_flag(flag: str, value: object, method: str = "gen-lifting") -> Case:
+    """An out-of-range flag: refused while parsing, nothing written."""
+    name = flag.rsplit(".", 1)[-1]
+    return Case(f"lifting-{method}-{name}-{value}", "ns-train", lambda ws: ns_train(ws, method, "lego", flag, value),
+                (flag, str(value)), code=1)
+
+
+LIFTING_CASES: List[Case] = [
+    # --- wrong scene kind for the method (the issue's 49-line FileNotFoundError)
+    Case("lifting-gen-lifting-on-llff-fern", "ns-train", lambda ws: ns_train(ws, "gen-lifting", "fern"),
+         ("--data fern", "LLFF", "use ns-train gen-lifting-single --data fern"), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-single-on-blender-lego", "ns-train", lambda ws: ns_train(ws, "gen-lifting-single", "lego"),
+         ("--data lego", "Blender", "use ns-train gen-lifting --data lego"), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-oracle-on-llff-fern", "ns-train", lambda ws: ns_train(ws, "gen-lifting-oracle", "fern"),
+         ("LLFF", "use ns-train gen-lifting-single-oracle"), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-single-oracle-on-blender-lego", "ns-train",
+         lambda ws: ns_train(ws, "gen-lifting-single-oracle", "lego"),
+         ("Blender", "use ns-train gen-lifting-oracle"), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-ae-on-llff-folder", "ns-train", lambda ws: ns_train(ws, "gen-lifting-ae", llff(ws)),
+         ("LLFF", "gen-lifting-single"), code=1, may_write=WROTE_CONFIG),
+    # --- out-of-range flags: refused while parsing, before anything is written
+    lifting_flag("--pipeline.datamanager.images-per-batch", 0),
+    lifting_flag("--pipeline.datamanager.images-per-batch", 0, method="gen-lifting-single"),
+    lifting_flag("--pipeline.datamanager.loss-pixels-per-image", -1),
+    lifting_flag("--pipeline.datamanager.score-pixels-per-image", 0),
+    lifting_flag("--pipeline.model.num-samples", 0),
+    lifting_flag("--pipeline.datamanager.eval-timestep", 100),
+    lifting_flag("--pipeline.datamanager.eval-timestep", -1),
+    lifting_flag("--pipeline.datamanager.noise-warmup-steps", -5),
+    lifting_flag("--pipeline.datamanager.diffusion.num-timesteps", 0),
+    Case("lifting-gen-lifting-num-timesteps-too-few-for-scaled-betas", "ns-train",
+         lambda ws: ns_train(ws, "gen-lifting", "lego", "--pipeline.datamanager.diffusion.num-timesteps", 10),
+         ("--pipeline.datamanager.diffusion.beta-end", "below 1"), code=1),
+    # --- scene folders
+    Case("lifting-missing-data", "ns-train", lambda ws: ns_train(ws, "gen-lifting", ws.root / "nope"),
+         ("neither an existing path nor a bundled dataset",), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-empty-folder", "ns-train", lambda ws: ns_train(ws, "gen-lifting", ws.folder("empty")),
+         ("neither transforms_train.json", "poses_bounds.npy"), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-data-is-a-file", "ns-train", lambda ws: ns_train(ws, "gen-lifting", ws.file("x.txt", b"x")),
+         ("is a file",), code=1, may_write=WROTE_CONFIG),
+    Case("lifting-blender-16bit-gray-png", "ns-train", lambda ws: ns_train(ws, "gen-lifting", lego(ws)),
+         ("16-bit", "r_1.png", "// 257"), code=1, may_write=WROTE_CONFIG,
+         setup=lambda ws: gray16(lego_frame(ws))),
+    Case("lifting-llff-16bit-gray-png", "ns-train", lambda ws: ns_train(ws, "gen-lifting-single", llff(ws)),
+         ("16-bit", "im2.png"), code=1, may_write=WROTE_CONFIG,
+         setup=lambda ws: gray16(llff(ws) / "images_8" / "im2.png", (16, 12))),
+    Case("lifting-blender-corrupt-png", "ns-train", lambda ws: ns_train(ws, "gen-lifting", lego(ws)),
+         ("corrupt", "r_1.png"), code=1, may_write=WROTE_CONFIG,
+         setup=lambda ws: broken_file(lego_frame(ws), b"\x89PNG\r\n\x1a\nbroken")),
+    Case("lifting-blender-mixed-sizes", "ns-train", lambda ws: ns_train(ws, "gen-lifting", lego(ws)),
+         ("mixed sizes",), code=1, may_write=WROTE_CONFIG, setup=lambda ws: resize_frame(lego_frame(ws), (32, 32))),
+    Case("lifting-blender-missing-image", "ns-train", lambda ws: ns_train(ws, "gen-lifting", lego(ws)),
+         ("r_1.png", "missing"), code=1, may_write=WROTE_CONFIG, setup=lambda ws: lego_frame(ws).unlink()),
+    Case("lifting-blender-broken-transforms", "ns-train", lambda ws: ns_train(ws, "gen-lifting", lego(ws)),
+         ("transforms_train.json", "not a Blender transforms file"), code=1, may_write=WROTE_CONFIG,
+         setup=lambda ws: edit_json(lego(ws) / "transforms_train.json", lambda meta: meta.pop("frames"))),
+    Case("lifting-llff-image-count-mismatch", "ns-train", lambda ws: ns_train(ws, "gen-lifting-single", llff(ws)),
+         ("3 images but poses_bounds.npy has 4",), code=1, may_write=WROTE_CONFIG,
+         setup=lambda ws: (llff(ws) / "images_8" / "im3.png").unlink()),
+    Case("lifting-llff-poses-bounds-wrong-shape", "ns-train", lambda ws: ns_train(ws, "gen-lifting-single", llff(ws)),
+         ("poses_bounds.npy", "expected [num_images, 17]"), code=1, may_write=WROTE_CONFIG,
+         setup=lambda ws: np.save(llff(ws) / "poses_bounds.npy", np.zeros((4, 15)))),
+    # --- divergence: stops at the step with one line, no checkpoint of NaN weights
+    Case("lifting-train-diverges", "ns-train",
+         lambda ws: ns_train(ws, "gen-lifting", lego(ws), "--optimizers.fields.optimizer.lr", "1e30",
+                             "--optimizers.pose-encoder.optimizer.lr", "1e30", "--steps-per-save", 1,
+                             "--pipeline.datamanager.images-per-batch", 2, "--max-num-iterations", 20),
+         ("diverged at step", "no checkpoint was written", "--optimizers.fields.optimizer.lr 1e+29"), code=1,
+         may_write=("outputs/*",), check=no_checkpoint),
+    # --- gen-lifting view (nerfstudio's viewer on 127.0.0.1)
+    Case("lifting-view-missing-config", "gen-lifting",
+         lambda ws: ["view", "--load-config", ws.root / "nope" / "config.yml"], ("does not exist", "config.yml"),
+         code=1),
+    Case("lifting-view-port-out-of-range", "gen-lifting",
+         lambda ws: ["view", "--load-config", ws.file("config.yml", b"x"), "--port", 70000], ("--port", "70000"),
+         code=1),
+]
+
+CASES: List[Case] = SEG_CASES + LIFTING_CASES
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep
