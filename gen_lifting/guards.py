@@ -112,7 +112,7 @@ class NonFiniteGuard:
             if saved:
                 kept = f"the last good checkpoint {saved[-1]} is kept"
             trainer.shutdown()  # stops the viewer's server thread so the process can exit
-        raise FlagError(f"training diverged at step {step} (non-finite loss: the weights became NaN/inf); {kept}; "
+        raise FlagError(f"training diverged at step {step} (the loss and the weights became NaN/inf); {kept}; "
                         f"lower the learning rate, e.g. {_lr_flags(optimizers)}")
 
 
