@@ -54,6 +54,13 @@ class EquivarianceConfig:
     max_t: Optional[int] = None
     """Apply the term only to samples with t below this (masks of nearly pure noise carry no content);
     None = every t."""
+    same_noise: bool = False
+    """Noise the second view with the first view's noise moved by the same transform (exact for flips and integer
+    shifts; needs min_scale = 1) instead of fresh noise. With fresh noise, masks that depend on the noise at all
+    are penalised, which at large t leaves only uniform masks."""
+    stop_gradient: bool = False
+    """Treat the first view's masks as a fixed target (no gradient through them), as in self-distillation; the
+    symmetric loss can lower itself by shrinking both views' logits towards uniform masks."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,9 @@ class MaskLossConfig:
             raise ValueError(f"--mask-losses.equivariance.max-shift must be >= 0, got {eq.max_shift}")
         if not 0.0 < eq.min_scale <= 1.0:
             raise ValueError(f"--mask-losses.equivariance.min-scale must lie in (0, 1], got {eq.min_scale}")
+        if eq.same_noise and eq.min_scale < 1.0:
+            raise ValueError("--mask-losses.equivariance.same-noise needs --mask-losses.equivariance.min-scale 1.0 "
+                             "(a resized crop would interpolate the noise and lower its variance)")
 
 
 def usage_balance(masks: Float[Tensor, "batch k height width"]) -> Float[Tensor, ""]:
@@ -209,9 +219,10 @@ class SegObjective(nn.Module):
         if cfg.confidence_loss_mult > 0:
             loss = loss + cfg.confidence_loss_mult * entropy
         if cfg.uses_two_views:
-            masks_b, grid, weight = self.second_view(x0, t, masks, labels, generator)
-            eq = equivariance_error(masks, masks_b, grid, weight)
-            mi = mutual_information_gap(masks, masks_b, grid, weight)
+            masks_b, grid, weight = self.second_view(x0, t, masks, labels, generator, noise)
+            target = masks.detach() if cfg.equivariance.stop_gradient else masks
+            eq = equivariance_error(target, masks_b, grid, weight)
+            mi = mutual_information_gap(target, masks_b, grid, weight)
             logs.update({"loss/equivariance": eq.detach(), "loss/mutual_information_gap": mi.detach()})
             loss = loss + cfg.equivariance_loss_mult * eq + cfg.mutual_information_loss_mult * mi
         usage = masks.detach().float().mean(dim=(0, 2, 3))
@@ -220,16 +231,22 @@ class SegObjective(nn.Module):
         return loss, logs
 
     def second_view(
-        self, x0: Tensor, t: Tensor, masks_a: Tensor, labels: Optional[Tensor], generator: Optional[torch.Generator]
+        self, x0: Tensor, t: Tensor, masks_a: Tensor, labels: Optional[Tensor], generator: Optional[torch.Generator],
+        noise_a: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Masks of a transformed copy of x0 (fresh noise, same t), the grid that maps view b to view a and the
-        per-sample weight (``max_t``)."""
+        """Masks of a transformed copy of x0 (same t; fresh noise, or ``noise_a`` moved by the same transform with
+        ``same_noise``), the grid that maps view b to view a and the per-sample weight (``max_t``)."""
         cfg = self.config.equivariance
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         batch, _, h, w = x0.shape
         grid = random_view_grid(batch, h, w, cfg, gen).to(x0.device)
         x0_b = warp(x0, grid)
-        noise_b = torch.randn(x0_b.shape, generator=gen).to(x0_b)
+        if cfg.same_noise and noise_a is not None:
+            # nearest: pixel centres map onto pixel centres, so every value is one of noise_a's (variance kept)
+            noise_b = F.grid_sample(noise_a, grid.to(noise_a), mode="nearest", padding_mode="reflection",
+                                    align_corners=False)
+        else:
+            noise_b = torch.randn(x0_b.shape, generator=gen).to(x0_b)
         h_mid, skips, temb = self.model.encode(self.schedule.add_noise(x0_b, t, noise_b), t, labels)
         masks_b = self.model.masks(h_mid, skips, temb)
         if masks_b.shape[1] != masks_a.shape[1]:  # hierarchical: compare the level-1 masks of both views

@@ -226,3 +226,47 @@ def test_standardized_logits_can_neither_collapse_nor_fade_to_uniform():
     assert masks.amax(dim=1).mean() > 0.8  # and confident
     model.eval()
     assert torch.isfinite(model.masks(*model.encode(x[:1], t[:1]))).all()
+
+
+def test_same_noise_moves_the_first_views_noise_with_the_view():
+    """With ``same_noise`` view b is exactly view a (image and noise) moved by the transform: a model whose masks
+    follow x_t pixel-wise then has zero equivariance error, which fresh noise would not give."""
+    torch.manual_seed(0)
+    model = FactorizedUNetConfig(**TINY).setup()
+    schedule = DiffusionScheduleConfig().setup()
+    x, noise, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
+    objective = SegObjective(model, schedule, MaskLossConfig(
+        equivariance_loss_mult=1.0, equivariance=EquivarianceConfig(same_noise=True, max_shift=0)))
+    captured = {}
+    encode = model.encode
+
+    def spy(x_t, *args):
+        captured.setdefault("inputs", []).append(x_t)
+        return encode(x_t, *args)
+
+    model.encode = spy
+    objective(x, t, noise, generator=torch.Generator().manual_seed(3))
+    grid = random_view_grid(2, 8, 8, objective.config.equivariance, torch.Generator().manual_seed(3))
+    expected = warp(schedule.add_noise(x, t, noise), grid)
+    torch.testing.assert_close(captured["inputs"][-1], expected)
+    with pytest.raises(ValueError, match="same-noise"):
+        MaskLossConfig(equivariance=EquivarianceConfig(same_noise=True, min_scale=0.5)).validate()
+
+
+def test_stop_gradient_sends_the_equivariance_gradient_through_the_second_view_only():
+    masks_a = torch.rand(1, 2, 4, 4, requires_grad=True)
+    masks_b = torch.rand(1, 2, 4, 4, requires_grad=True)
+    grid = random_view_grid(1, 4, 4, EquivarianceConfig(), torch.Generator().manual_seed(0))
+    equivariance_error(masks_a.detach(), masks_b, grid).backward()
+    assert masks_a.grad is None and masks_b.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    model = FactorizedUNetConfig(**TINY).setup()
+    schedule = DiffusionScheduleConfig().setup()
+    x, noise, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([10, 20])
+    grads = []
+    for stop in (False, True):  # the denoising part is the same; only the equivariance gradient can differ
+        model.zero_grad()
+        cfg = MaskLossConfig(equivariance_loss_mult=1.0, equivariance=EquivarianceConfig(stop_gradient=stop))
+        SegObjective(model, schedule, cfg)(x, t, noise, generator=torch.Generator().manual_seed(0))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.mask_generator.parameters()]))
+    assert not torch.allclose(grads[0], grads[1])
