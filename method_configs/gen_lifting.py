@@ -23,6 +23,7 @@ from gen_lifting.llff_dataparser import LLFFDataParserConfig
 from gen_lifting.model import GenLiftingModelConfig
 from gen_lifting.pipeline import GenLiftingPipelineConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig, paper_trunk
+from gen_lifting.trainer import GenLiftingTrainerConfig
 
 # Importing this module (nerfstudio does, for every ns-* command once the package is installed) changes nothing
 # outside it: no torch.hub dir, no patched nerfstudio function, no PATH edit (tests/test_compat.py).
@@ -72,7 +73,7 @@ def make_config(
     mdl = model or cpu_model()
     if pose_encoder is not None:
         mdl = replace(mdl, pose_encoder=pose_encoder)
-    return TrainerConfig(
+    return GenLiftingTrainerConfig(  # nerfstudio's Trainer with atomic checkpoint saves (gen_lifting/trainer.py)
         method_name=method_name,
         steps_per_eval_batch=200,
         steps_per_eval_image=500,
