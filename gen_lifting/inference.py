@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffusion_utils.schedule import to_image_range
 from gen_lifting.cameras import look_at_origin
+from gen_lifting.data_checks import high_bit_depth_message, is_high_bit_depth_grayscale
 
 
 class InferenceError(ValueError):
@@ -45,12 +46,15 @@ def load_pipeline(config_path: Path, test_mode: str = "inference"):
 
 
 def read_photo(path: Path, width: int, height: int) -> Float[Tensor, "height width 3"]:
-    """An image file as [H, W, 3] in [0, 1] at the training resolution (RGBA composited on white)."""
+    """An image file as [H, W, 3] in [0, 1] at the training resolution (RGBA composited on white); 16-bit
+    grayscale is refused with the conversion that keeps its range (gen_lifting/data_checks.py)."""
     try:
         image = Image.open(path)
         image.load()
     except (OSError, ValueError) as err:
         raise InferenceError(f"cannot read image {path} ({err}); pass a PNG or JPEG file") from None
+    if is_high_bit_depth_grayscale(image.mode):  # convert("RGB") would clip it to white, as for training scenes
+        raise InferenceError(high_bit_depth_message(path, image.mode))
     if image.mode in ("RGBA", "LA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))

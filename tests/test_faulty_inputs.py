@@ -542,6 +542,20 @@ def no_checkpoint(ws: Workspace) -> None:
     assert not list((ws.root / "outputs").rglob("*.ckpt")), "a checkpoint was written by a diverged run"
 
 
+def lifting_run(ws: Workspace) -> Path:
+    """config.yml of a 2-step tiny gen-lifting run on lego(ws), trained in this process (~5 s)."""
+    from test_lifting_method import tiny_config
+
+    config = tiny_config(lego(ws))
+    config.max_num_iterations, config.vis, config.output_dir = 2, "tensorboard", ws.root / "lifting-run"
+    config.set_timestamp()
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()
+    return trainer.base_dir / "config.yml"
+
+
 def lifting_flag(flag: str, value: object, method: str = "gen-lifting") -> Case:
     """An out-of-range flag: refused while parsing, nothing written."""
     name = flag.rsplit(".", 1)[-1]
@@ -618,6 +632,11 @@ LIFTING_CASES: List[Case] = [
     Case("lifting-view-port-out-of-range", "gen-lifting",
          lambda ws: ["view", "--load-config", ws.file("config.yml", b"x"), "--port", 70000], ("--port", "70000"),
          code=1),
+    # --- gen-lifting predict-pose: a 16-bit grayscale photo (convert("RGB") would pose an all-white image)
+    Case("lifting-predict-pose-16bit-gray-photo", "gen-lifting",
+         lambda ws: ["predict-pose", "--load-config", lifting_run(ws), "--image", ws.root / "photo.png",
+                     "--output-dir", ws.root / "pose"],
+         ("16-bit", "photo.png", "// 257"), code=1, setup=lambda ws: gray16(ws.root / "photo.png")),
 ]
 
 CASES: List[Case] = SEG_CASES + LIFTING_CASES
