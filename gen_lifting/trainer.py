@@ -67,8 +67,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def _reason(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {text[:100]}" if text else type(err).__name__
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:100]  # torch's first sentence names the damage
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def newest_readable_checkpoint(load_dir: Path) -> Tuple[Path, dict]:
@@ -131,7 +131,8 @@ class GenLiftingTrainer(Trainer):
         for path in stale:
             path.unlink(missing_ok=True)
         if stale:
-            CONSOLE.print(f"Removed {len(stale)} half-written checkpoint(s) left by an interrupted save", soft_wrap=True)
+            CONSOLE.print(f"Removed {len(stale)} half-written checkpoint(s) left by an interrupted save",
+                          soft_wrap=True)
         return stale
 
     def checkpoint_state(self, step: int) -> dict:
@@ -182,7 +183,8 @@ class GenLiftingTrainer(Trainer):
             try:
                 state = read_checkpoint(path)
             except _UNREADABLE as err:
-                raise CheckpointError(f"checkpoint {path} cannot be read ({_reason(err)}); pass another {flag}") from None
+                message = f"checkpoint {path} cannot be read ({_reason(err)}); pass another {flag}"
+                raise CheckpointError(message) from None
         else:
             return super()._load_checkpoint()  # training from scratch
         self._start_step = state["step"] + 1
