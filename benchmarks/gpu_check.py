@@ -80,9 +80,16 @@ NERFACC_CUB_SHIM = """#pragma once
 #include <cuda/std/functional>
 namespace cub { using Equality = ::cuda::std::equal_to<>; }
 #endif
+#include <cmath>
+#include <math.h>
+#if __cplusplus > 201703L  /* C++20's math.h puts std::lerp in the global namespace: nerfacc's own lerp clashes */
+#define lerp nerfacc_lerp
+#endif
 """
 """Pre-included into nerfacc's .cu files for this check's build only (``NVCC_APPEND_FLAGS``): the H200 image's nvcc
-is 13.0 and nerfacc 0.5.2's sources do not compile against it unmodified (seen on this machine's nvcc 13.0)."""
+is 13.0 and torch builds extensions as C++20; nerfacc 0.5.2's sources compile under neither unmodified (seen with
+this machine's nvcc 13.0 and torch 2.14: ``cub::Equality`` missing, ``lerp`` redeclared; with this shim its four
+.cu files compile for sm_90)."""
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -351,8 +358,10 @@ def run_nerfacc_build(args: Dict[str, Any], budget_s: float) -> Dict[str, Any]:
 
 
 def nerfacc_build_env(tmp: Path) -> Dict[str, str]:
-    """Environment of the nerfacc build and the occupancy items: the CUB shim, a fresh extensions folder, and the
-    CUDA headers of the nvidia pip wheels (cuBLAS's are not in every toolkit folder) on the include path."""
+    """Environment of the nerfacc build and the occupancy items: the shim, a fresh extensions folder, the CUDA
+    headers of the nvidia pip wheels (cuBLAS's are not in every toolkit folder) searched after the toolkit's, and
+    CUDA_HOME where torch would guess a folder without CUDA's headers (an nvcc outside the toolkit's bin/)."""
+    import shutil
     import site
 
     shim = tmp / "nerfacc_cub_compat.h"
@@ -361,7 +370,13 @@ def nerfacc_build_env(tmp: Path) -> Dict[str, str]:
                TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"))
     env["NVCC_APPEND_FLAGS"] = f"{os.environ.get('NVCC_APPEND_FLAGS', '')} -include {shim}".strip()
     includes = sorted(str(inc) for root in site.getsitepackages() for inc in Path(root).glob("nvidia/*/include"))
-    env["CPATH"] = os.pathsep.join(includes + ([os.environ["CPATH"]] if os.environ.get("CPATH") else []))
+    extra = [os.environ["CPLUS_INCLUDE_PATH"]] if os.environ.get("CPLUS_INCLUDE_PATH") else []
+    env["CPLUS_INCLUDE_PATH"] = os.pathsep.join(extra + includes)  # like -isystem, after the command line's
+    nvcc = shutil.which("nvcc")
+    guessed = Path(nvcc).resolve().parent.parent if nvcc else None
+    if (not os.environ.get("CUDA_HOME") and guessed is not None and not (guessed / "include/cuda_runtime.h").exists()
+            and Path("/usr/local/cuda/include/cuda_runtime.h").exists()):
+        env["CUDA_HOME"] = "/usr/local/cuda"
     return env
 
 

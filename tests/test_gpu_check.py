@@ -4,6 +4,7 @@ per-item limits, and items this machine cannot run recorded as such instead of c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,5 +140,7 @@ def test_occupancy_items_wait_for_the_nerfacc_build(tmp_path, monkeypatch, build
 def test_nerfacc_build_env_has_the_shim(tmp_path):
     env = gpu_check.nerfacc_build_env(tmp_path)
     shim = tmp_path / "nerfacc_cub_compat.h"
-    assert f"-include {shim}" in env["NVCC_APPEND_FLAGS"] and "cub::Equality" not in shim.read_text().split("\n")[0]
-    assert "namespace cub" in shim.read_text() and env["TORCH_EXTENSIONS_DIR"].startswith(str(tmp_path))
+    assert f"-include {shim}" in env["NVCC_APPEND_FLAGS"] and env["TORCH_EXTENSIONS_DIR"].startswith(str(tmp_path))
+    text = shim.read_text()
+    assert "namespace cub { using Equality" in text and "#define lerp nerfacc_lerp" in text
+    assert "CPLUS_INCLUDE_PATH" in env and "CPATH" not in set(env) - set(os.environ)
