@@ -125,6 +125,7 @@ class GenLiftingTrainer(Trainer):
         self.remove_stale_temporaries()
         super().setup(test_mode=test_mode)
 
+    @check_main_thread  # the process that saves (other DDP ranks return None)
     def remove_stale_temporaries(self) -> List[Path]:
         """Delete checkpoints left half-written in this run folder by a killed save; returns what was removed."""
         stale = sorted(self.temporary_dir.glob(TEMPORARY_GLOB)) if self.temporary_dir.is_dir() else []
