@@ -51,12 +51,14 @@ def cuda_unavailable_reason(device: Optional[Union[str, torch.device]]) -> Optio
 
 def nerfacc_extension_problem() -> Optional[str]:
     """None when nerfacc's CUDA extension loads, else why not. nerfacc 0.5.2 from PyPI compiles it on first use
-    (minutes; needs nvcc); 0.5.2's sources do not compile against CUDA 13's CUB (``cub::Equality`` is gone)."""
+    (minutes; needs nvcc); 0.5.2's sources compile neither against CUDA 13's CUB (``cub::Equality`` is gone) nor as
+    C++20 (its ``lerp`` clashes with ``std::lerp``) without a pre-included header (benchmarks/gpu_check.py)."""
     try:
         from nerfacc.cuda._backend import _C
     except Exception as err:  # the compiler's own output is already on the console
         first = (str(err).strip().splitlines() or [""])[0][:120]
-        return f"nerfacc's CUDA extension did not build ({type(err).__name__}: {first})"
+        return (f"nerfacc's CUDA extension did not build ({type(err).__name__}: {first}; nerfacc 0.5.2 under CUDA 13 "
+                "or torch's C++20 builds needs the compatibility header of benchmarks/gpu_check.py, NERFACC_CUB_SHIM)")
     if _C is None:
         return "nerfacc's CUDA extension is not built and no CUDA toolkit (nvcc) was found to build it"
     return None
