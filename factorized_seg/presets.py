@@ -30,9 +30,9 @@ CPU = TrainConfig(
 """32x32, C=16, K=2 with three departures from the thesis (ours; docs/seg_emergence.md): reflect padding and mask
 logits pooled by 2 (no border or pixel-lattice shortcut), a batch usage balance term (0.1, no collapse to one
 region) and a mask equivariance term (1.0: the masks of a flipped / shifted copy of each image, noised with the
-same noise moved with it, must be the moved masks; a positional split cannot satisfy it). Measured on Flowers-17: README,
-"Results". Soft masks, one shared decoder and the eps loss as in the
-paper. ``--mask-losses.balance-loss-mult 0 --mask-losses.equivariance-loss-mult 0`` gives the paper's objective."""
+same noise moved with it, must be the moved masks; a positional split cannot satisfy it). Soft masks, one shared
+decoder and the eps loss as in the paper; ``--mask-losses.balance-loss-mult 0 --mask-losses.equivariance-loss-mult
+0`` gives the paper's objective. Measured on Flowers-17 and ECSSD: README, "Results"."""
 
 # Thesis 64x64: channels [C, 2C, 3C, 4C], 3 ResBlocks per level, C = 128, K = 3, Adam 1e-4, EMA 0.9999, batch
 # 128. Our trunk has one level per entry (64, 32, 16, 8 px) with a 2x downsampling between levels, attention at
