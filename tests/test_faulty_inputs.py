@@ -553,6 +553,12 @@ def lifting_run(ws: Workspace) -> Path:
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
     trainer.train()
+    from nerfstudio.utils import writer
+
+    for event_writer in writer.EVENT_WRITERS:  # tensorboard flushes from a thread: finish now, not mid-case
+        flush = getattr(getattr(event_writer, "tb_writer", None), "flush", None)
+        if flush is not None:
+            flush()
     return trainer.base_dir / "config.yml"
 
 
