@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="TrainConfig overrides for the trained models, e.g. model.padding_mode=zeros")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-seg"), help="runs and predictions")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "seg.json"), help="result JSON")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "seg_flowers17.json"), help="result JSON")
     parser.add_argument("--figure", default=None, help="write the example picture here (PNG)")
     parser.add_argument("--reuse", action="store_true", help="reuse trained runs found in --work-dir")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
