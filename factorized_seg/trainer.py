@@ -17,7 +17,6 @@ from typing import Any, Dict, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from jaxtyping import Float
 from torch import Tensor
