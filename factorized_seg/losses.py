@@ -143,9 +143,9 @@ def random_view_grid(
 
 
 def warp(x: Float[Tensor, "batch c height width"], grid: Float[Tensor, "batch height width 2"],
-         padding_mode: str = "reflection") -> Float[Tensor, "batch c height width"]:
-    """``x`` seen through ``grid`` (bilinear)."""
-    return F.grid_sample(x, grid.to(x), mode="bilinear", padding_mode=padding_mode, align_corners=False)
+         padding_mode: str = "reflection", mode: str = "bilinear") -> Float[Tensor, "batch c height width"]:
+    """``x`` seen through ``grid`` (bilinear, or ``mode``)."""
+    return F.grid_sample(x, grid.to(x), mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
 def _moved_and_overlap(
@@ -232,7 +232,7 @@ class SegObjective(nn.Module):
 
     def second_view(
         self, x0: Tensor, t: Tensor, masks_a: Tensor, labels: Optional[Tensor], generator: Optional[torch.Generator],
-        noise_a: Optional[Tensor] = None,
+        noise_a: Tensor,
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Masks of a transformed copy of x0 (same t; fresh noise, or ``noise_a`` moved by the same transform with
         ``same_noise``), the grid that maps view b to view a and the per-sample weight (``max_t``)."""
@@ -241,10 +241,9 @@ class SegObjective(nn.Module):
         batch, _, h, w = x0.shape
         grid = random_view_grid(batch, h, w, cfg, gen).to(x0.device)
         x0_b = warp(x0, grid)
-        if cfg.same_noise and noise_a is not None:
+        if cfg.same_noise:
             # nearest: pixel centres map onto pixel centres, so every value is one of noise_a's (variance kept)
-            noise_b = F.grid_sample(noise_a, grid.to(noise_a), mode="nearest", padding_mode="reflection",
-                                    align_corners=False)
+            noise_b = warp(noise_a, grid, mode="nearest")
         else:
             noise_b = torch.randn(x0_b.shape, generator=gen).to(x0_b)
         h_mid, skips, temb = self.model.encode(self.schedule.add_noise(x0_b, t, noise_b), t, labels)
