@@ -69,6 +69,13 @@ class GenLiftingDataManagerConfig(VanillaDataManagerConfig):
     noise_warmup_steps: int = 0
     """Curriculum over t: the largest t drawn grows linearly from 1 to T over these steps (0 = paper:
     t ~ U{0..T-1} from the start)."""
+    noise_start_steps: int = 0
+    """Ours, not the paper's: the curriculum starts after this many steps; before them every image is posed at t = 0
+    (the least noise of the schedule), so poses form as in the clean-image ablation and diffusion noise enters once
+    they have (0 = the curriculum starts at step 0)."""
+    timestep_power: float = 1.0
+    """Ours, not the paper's (1 = paper: t uniform below the curriculum's cap): t = floor(t_max * u ** p), u ~ U[0, 1),
+    so p > 1 draws small t (little noise) more often: p = 2 puts 32% of the draws in the lowest tenth of t."""
     eval_timestep: int = 0
     """Noise level t at which unseen images are posed (ignored without diffusion noise; t = 0 of the scaled schedule
     adds noise of std 0.03 in [-1, 1])."""
@@ -182,7 +189,19 @@ class GenLiftingDataManager(VanillaDataManager):
     def t_max(self, step: int) -> int:
         """Largest timestep (exclusive) drawn at ``step`` under the noise curriculum."""
         total, warm = self.schedule.num_timesteps, self.config.noise_warmup_steps
+        step = step - self.config.noise_start_steps
+        if step < 0:
+            return 1
         return total if warm <= 0 else max(1, min(total, int(total * step / warm) + 1))
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator, t_max: Optional[int]) -> Int[Tensor, "batch"]:
+        """t below the curriculum's cap: uniform (paper), or skewed toward small t by ``timestep_power``."""
+        power = self.config.timestep_power
+        if power == 1.0:  # the paper's draw, kept bit-identical to earlier runs
+            return self.schedule.sample_timesteps(batch, generator=generator, t_max=t_max)
+        high = self.schedule.num_timesteps if t_max is None else max(1, min(t_max, self.schedule.num_timesteps))
+        u = torch.rand(batch, generator=generator)
+        return (high * u.pow(power)).long().clamp_(max=high - 1)
 
     def sample_batch(self, images: Float[Tensor, "num_images height width 3"], batch: int, generator: torch.Generator,
                      t: Optional[Int[Tensor, "batch"]] = None, step: Optional[int] = None) -> Dict[str, Tensor]:
@@ -192,7 +211,7 @@ class GenLiftingDataManager(VanillaDataManager):
         idx = torch.randint(0, n, (batch,), generator=generator).to(self.device)
         if t is None:
             t_max = self.t_max(step) if step is not None else None
-            t = self.schedule.sample_timesteps(batch, generator=generator, t_max=t_max)
+            t = self.sample_timesteps(batch, generator, t_max)
         t = t.to(self.device)
         clean = images[idx]
         x_t, t_used = self.encoder_input(clean, t, generator)

@@ -60,6 +60,10 @@ def check_flags(config: "GenLiftingPipelineConfig") -> None:
             raise FlagError(f"--{flag} must be >= 1, got {value}")
     if dm.noise_warmup_steps < 0:
         raise FlagError(f"--pipeline.datamanager.noise-warmup-steps must be >= 0, got {dm.noise_warmup_steps}")
+    if not dm.timestep_power > 0:
+        raise FlagError(f"--pipeline.datamanager.timestep-power must be > 0, got {dm.timestep_power}")
+    if dm.noise_start_steps < 0:
+        raise FlagError(f"--pipeline.datamanager.noise-start-steps must be >= 0, got {dm.noise_start_steps}")
     num_timesteps = dm.diffusion.num_timesteps
     if num_timesteps < 1:
         raise FlagError(f"--pipeline.datamanager.diffusion.num-timesteps must be >= 1, got {num_timesteps}")

@@ -591,6 +591,8 @@ LIFTING_CASES: List[Case] = [
     lifting_flag("--pipeline.datamanager.eval-timestep", 100),
     lifting_flag("--pipeline.datamanager.eval-timestep", -1),
     lifting_flag("--pipeline.datamanager.noise-warmup-steps", -5),
+    lifting_flag("--pipeline.datamanager.noise-start-steps", -1),
+    lifting_flag("--pipeline.datamanager.timestep-power", 0),
     lifting_flag("--pipeline.datamanager.diffusion.num-timesteps", 0),
     Case("lifting-gen-lifting-num-timesteps-too-few-for-scaled-betas", "ns-train",
          lambda ws: ns_train(ws, "gen-lifting", "lego", "--pipeline.datamanager.diffusion.num-timesteps", 10),

@@ -387,6 +387,15 @@ def test_noise_curriculum_caps_t(tiny_lego):
     assert dm.t_max(0) == 100  # paper default: no curriculum
     dm.config.noise_warmup_steps = 50
     assert dm.t_max(0) == 1 and dm.t_max(25) == 51 and dm.t_max(50) == 100 and dm.t_max(500) == 100
+    dm.config.noise_start_steps = 200  # t = 0 only until step 200, then the same ramp
+    assert dm.t_max(0) == 1 and dm.t_max(199) == 1 and dm.t_max(225) == 51 and dm.t_max(250) == 100
+    dm.config.noise_start_steps = 0
+    dm.config.timestep_power = 2.0  # skewed toward small t, still inside [0, t_max)
+    t = dm.sample_timesteps(20000, torch.Generator().manual_seed(0), 100)
+    assert t.min() >= 0 and t.max() <= 99
+    assert abs((t < 10).float().mean().item() - 0.1 ** 0.5) < 0.02  # P(u^2 < 0.1) = sqrt(0.1)
+    assert (dm.sample_timesteps(50, torch.Generator().manual_seed(0), 1) == 0).all()
+    dm.config.timestep_power = 1.0
     _, batch = dm.next_train(0)
     assert (batch["t"] == 0).all()
     dm.config.noise_warmup_steps = 0
