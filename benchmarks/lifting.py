@@ -166,8 +166,9 @@ def build_config(method: str, scene: str, args: argparse.Namespace, tmp: Path):
     return config
 
 
-def train(method: str, config, budget_s: float, log_every_s: float):
-    """Train for ``budget_s`` seconds of wall clock (setup excluded); returns the trainer and step count.
+def train(method: str, config, budget_s: float, log_every_s: float, max_steps: int = 0):
+    """Train for ``budget_s`` seconds of wall clock (setup excluded), or until ``max_steps`` steps if that comes
+    first (0 = no step limit); returns the trainer and step count.
 
     The loop is nerfstudio's ``Trainer.train`` body for every method (callbacks before and after each
     ``train_iteration``), stopped by the clock instead of an iteration count, without checkpoints or evaluation.
@@ -181,7 +182,7 @@ def train(method: str, config, budget_s: float, log_every_s: float):
         trainer.setup(test_mode="test")
     pipe = trainer.pipeline
     start, step, next_log = time.time(), 0, 0.0
-    while time.time() - start < budget_s:
+    while time.time() - start < budget_s and (max_steps <= 0 or step < max_steps):
         for cb in trainer.callbacks:
             cb.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
         loss, _, metrics = trainer.train_iteration(step)
@@ -401,6 +402,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["gen-lifting", "gen-lifting-ae", "gen-lifting-oracle"])
     parser.add_argument("--eval-images", type=int, default=50, help="held-out views evaluated (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="also stop after this many steps (0 = wall clock only); a step budget compares levers "
+                             "fairly on a machine whose load changes")
     parser.add_argument("--seed", type=int, default=0, help="torch seed and the datamanager's batch seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-every-s", type=float, default=60.0, help="progress line interval (0 = off)")
@@ -432,7 +436,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 config = build_config(method, scene, args, Path(tmp))
                 print(f"== {scene} / {method}: training {args.budget_s:.0f}s", flush=True)
-                trainer, steps, train_s = train(method, config, args.budget_s, args.log_every_s)
+                trainer, steps, train_s = train(method, config, args.budget_s, args.log_every_s, args.max_steps)
                 from gen_lifting.datasets import resolve_data
 
                 metrics = evaluate(method, trainer, args.eval_images, resolve_data(scene))
@@ -452,7 +456,7 @@ def main() -> None:
                   f"{v['test_rot_err_median_deg']:8.1f} {v['test_within_15deg']:8.2f} {v['steps']:7.0f}")
             if "registered" in m:
                 print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
-    write_result(args.out, commit, budget_s=args.budget_s, seed=args.seed, scenes=results)
+    write_result(args.out, commit, budget_s=args.budget_s, max_steps=args.max_steps, seed=args.seed, scenes=results)
 
 
 if __name__ == "__main__":
