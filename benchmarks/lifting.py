@@ -25,6 +25,10 @@ colmap: training views only (no held-out poses); a similarity alignment of the r
 (on centres for 360 scenes, on orientations for LLFF, as gen-lifting's forward-facing evaluation), and
 ``within_15deg`` is a share of ALL training views: an unregistered view counts as a miss. Ground truth is read only
 for that evaluation (COLMAP gets images, focal length and principal point).
+Optional pose refinement (``--set pipeline.model.pose_refinement_start_step=N pipeline.test_time_refine_steps=S``,
+gen_lifting/refinement.py): the keys above stay the encoder's; ``refined_*`` (training views' refined cameras),
+``test_refined_*`` and ``psnr_refined`` / ``ssim_refined`` / ``lpips_refined`` (held-out views after test-time
+refinement) are added, and the table gets a "refined poses" line under the row.
 Prints a table and writes JSON with machine, command and git commit.
 """
 
@@ -49,6 +53,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
+REFINED_KEYS = ("psnr_refined", "ssim_refined", "lpips_refined", "refined_rot_err_median_deg", "refined_rot_err_mean_deg",
+                "refined_within_15deg", "test_refined_rot_err_median_deg", "test_refined_rot_err_mean_deg",
+                "test_refined_within_15deg")
+"""Metrics of gen-lifting's optional pose refinement: training-time (``refined_*``, training views) and test-time
+(``*_refined`` image metrics and ``test_refined_*``, held-out views); the unprefixed keys stay the encoder's."""
 GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
                "gen-lifting-single-oracle")
 
@@ -198,6 +207,9 @@ def train(method: str, config, budget_s: float, log_every_s: float, max_steps: i
                 line += (f" rot_med {pe['rot_err_median_deg']:6.1f} within15 {pe['within_15deg']:.2f}"
                          f" test_rot_med {pe['test_rot_err_median_deg']:6.1f}"
                          f" usage_entropy {float(metrics.get('candidate_usage_entropy', 0)):.2f}")
+                if "refined_rot_err_median_deg" in pe:  # optional pose refinement (gen_lifting/refinement.py)
+                    line += (f" refined_rot_med {pe['refined_rot_err_median_deg']:6.1f}"
+                             f" refined_within15 {pe['refined_within_15deg']:.2f}")
             print(line, flush=True)
     return trainer, step, time.time() - start
 
@@ -214,7 +226,9 @@ def evaluate(method: str, trainer, eval_images: int, scene: Path) -> Dict[str, f
         input_dataset=dm.eval_dataset, image_indices=tuple(range(0, step * n, step)), device=dm.device)
     raw = pipe.get_average_eval_image_metrics()
     keep = ("psnr", "ssim", "lpips", "rot_err_median_deg", "rot_err_mean_deg", "within_15deg",
-            "center_angle_err_median_deg", "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg")
+            "center_angle_err_median_deg", "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg",
+            # optional pose refinement (gen_lifting/refinement.py): present only when it is on
+            *REFINED_KEYS)
     result = {k: float(raw[k]) for k in keep if k in raw}
     if method == "nerfacto-camopt-no-poses":
         result.update(camera_optimizer_pose_errors(pipe, scene))
@@ -456,6 +470,13 @@ def main() -> None:
                   f"{v['test_rot_err_median_deg']:8.1f} {v['test_within_15deg']:8.2f} {v['steps']:7.0f}")
             if "registered" in m:
                 print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
+            if any(key in m for key in REFINED_KEYS):  # the same columns from the refined poses
+                r = {k: m.get(k, nan) for k in ("psnr_refined", "ssim_refined", "lpips_refined",
+                     "refined_rot_err_median_deg", "refined_within_15deg", "test_refined_rot_err_median_deg",
+                     "test_refined_within_15deg")}
+                print(f"{'':6s} {'  refined poses':26s} {r['psnr_refined']:6.2f} {r['ssim_refined']:6.3f} "
+                      f"{r['lpips_refined']:6.3f} {r['refined_rot_err_median_deg']:8.1f} {r['refined_within_15deg']:8.2f} "
+                      f"{r['test_refined_rot_err_median_deg']:8.1f} {r['test_refined_within_15deg']:8.2f}")
     write_result(args.out, commit, budget_s=args.budget_s, max_steps=args.max_steps, seed=args.seed, scenes=results)
 
 

@@ -9,6 +9,8 @@ Training (``forward`` on a batch dict from GenLiftingDataManager):
 A batch that carries ``camera_to_worlds`` (gen-lifting-oracle) is rendered from those poses instead.
 Anything else (viewer, ns-render, ns-eval) goes through nerfstudio's usual ``get_outputs(ray_bundle)``; a dataset
 camera (tagged by the datamanager) is rendered from the pose the model predicts for its photo.
+Beyond the thesis and off by default: pose refinement after discovery (``pose_refinement_start_step``,
+gen_lifting/refinement.py), where the field learns from the encoder's poses corrected by nerfstudio's CameraOptimizer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from jaxtyping import Float, Int
+from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -42,6 +45,7 @@ from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.occupancy import OccupancySampling, OccupancySamplingConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
 from gen_lifting.proposal import ProposalSampling, ProposalSamplingConfig
+from gen_lifting.refinement import PoseRefinement, frozen_parameters
 
 
 FieldConfig = Union[
@@ -69,6 +73,16 @@ class GenLiftingModelConfig(ModelConfig):
     """Proposal sampling, used when ``sampler='proposal'``."""
     occupancy: OccupancySamplingConfig = field(default_factory=OccupancySamplingConfig)
     """Occupancy-grid sampling, used when ``sampler='occupancy'``."""
+    pose_refinement_start_step: int = 0
+    """Beyond the thesis (gen_lifting/refinement.py): from this step on, each training photo's camera is the encoder's
+    pose of it (snapshot at this step) times a learned CameraOptimizer correction, and the field learns from those
+    cameras (0 = off, the thesis method)."""
+    camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="SO3xR3"))
+    """nerfstudio's per-image pose correction used by the pose refinement (only built when it is on; its optimiser
+    is the ``camera_opt`` group of ``--optimizers``)."""
+    refinement_field_from_encoder: bool = False
+    """During pose refinement, let the encoder's min-over-K render train the field too (default: only the refined
+    cameras train the field; the encoder's render trains the encoder alone)."""
     field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
     """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
     when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
@@ -130,6 +144,11 @@ class GenLiftingModel(Model):
         # Predicted poses of the dataset's photos by split name, set by the pipeline (``show_predicted_poses``):
         # derived from the weights and the images, so never saved.
         self.view_poses: Dict[str, Tensor] = {}
+        # Optional pose refinement (snapshot buffer + CameraOptimizer); absent when off, so that the state dict, the
+        # param groups and the loss of the thesis method are untouched.
+        self.pose_refinement: Optional[PoseRefinement] = None
+        if self.config.pose_refinement_start_step > 0:
+            self.pose_refinement = PoseRefinement(self.num_train_data, self.config.camera_optimizer)
 
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes
@@ -168,7 +187,14 @@ class GenLiftingModel(Model):
         proposal = list(self.proposal.parameters()) if self.proposal is not None else []
         groups = {"fields": list(self.field.parameters()) + proposal}
         self.pose_encoder.get_param_groups(groups)
+        if self.pose_refinement is not None:
+            self.pose_refinement.camera_optimizer.get_param_groups(groups)  # "camera_opt", as in nerfacto
         return groups
+
+    @property
+    def refining(self) -> bool:
+        """Training-time pose refinement is on and its snapshot has been taken."""
+        return self.pose_refinement is not None and self.pose_refinement.is_started
 
     # ----------------------------------------------------------------------------------- rendering
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
@@ -272,14 +298,28 @@ class GenLiftingModel(Model):
             cand_err = torch.zeros(bsz, 1, device=c2w.device)
             winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
         best = c2w[torch.arange(bsz, device=c2w.device), routed]
-        render = self.render_pixel_outputs(best, batch["loss_pixels"])
+        # pose refinement (training batches only, never the oracle's): the refined cameras train the field; the
+        # encoder's render trains the encoder alone unless ``refinement_field_from_encoder``
+        refine = self.refining and self.training and "camera_to_worlds" not in batch
+        freeze = refine and not self.config.refinement_field_from_encoder
+        with (frozen_parameters(self.field_parameters()) if freeze else contextlib.nullcontext()), \
+                (self.scoring_pass() if refine else contextlib.nullcontext()):
+            render = self.render_pixel_outputs(best, batch["loss_pixels"])
         target = gather_pixels(batch["image"], batch["loss_pixels"])
         outputs = {"rgb": render["rgb"].reshape(target.shape), "target": target, "scores": scores, "winner": winner,
                    "routed": routed, "cand_err": cand_err, "c2w": c2w}
-        for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the winner's render
+        if refine:
+            assert self.pose_refinement is not None
+            render = self.render_pixel_outputs(self.pose_refinement.c2w(batch["image_idx"]), batch["loss_pixels"])
+            outputs["refined_rgb"] = render["rgb"].reshape(target.shape)
+        for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the field's training render
             if key in render:
                 outputs[key] = render[key]
         return outputs
+
+    def field_parameters(self) -> List[Parameter]:
+        """The radiance field's parameters (and the proposal fields', which share its optimiser)."""
+        return self.get_param_groups()["fields"]
 
     def scoring_pass(self):
         """Context for the no-gradient candidate renders: they must not use up the proposal sampler's update. (The
@@ -295,6 +335,10 @@ class GenLiftingModel(Model):
         # An oracle, not a test metric: the candidate is chosen by comparing every render with the clean image itself
         # (best of K), which no test photo allows. Held-out PSNR is ns-eval's ``psnr`` (render at the top-score pose).
         metrics["oracle_best_of_k_psnr"] = -10.0 * torch.log10(mse.detach().clamp_min(1e-10))
+        if "refined_rgb" in outputs and self.pose_refinement is not None:
+            refined_mse = (outputs["refined_rgb"] - outputs["target"]).pow(2).mean().detach()
+            metrics["refined_pose_train_psnr"] = -10.0 * torch.log10(refined_mse.clamp_min(1e-10))
+            self.pose_refinement.camera_optimizer.get_metrics_dict(metrics)
         k = outputs["scores"].shape[1]
         if k > 1:
             metrics["score_argmax_is_argmin"] = (outputs["scores"].argmax(1) == outputs["winner"]).float().mean()
@@ -308,6 +352,9 @@ class GenLiftingModel(Model):
         if "winner" not in outputs:
             return {}
         loss = {"rgb_loss": F.mse_loss(outputs["rgb"], outputs["target"])}
+        if "refined_rgb" in outputs and self.pose_refinement is not None:
+            loss["refined_rgb_loss"] = F.mse_loss(outputs["refined_rgb"], outputs["target"])
+            self.pose_refinement.camera_optimizer.get_loss_dict(loss)  # its L2 regulariser, as in nerfacto
         if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
         if self.proposal is not None and "weights_list" in outputs:

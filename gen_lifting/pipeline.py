@@ -22,7 +22,7 @@ import torch
 import torchvision.utils as vutils
 from jaxtyping import Float, Int
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,6 +33,7 @@ from gen_lifting import guards
 from gen_lifting.data_checks import SceneDataError, check_scene_kind
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.model import GenLiftingModelConfig
+from gen_lifting.refinement import refine_poses
 
 
 @dataclass
@@ -46,9 +47,38 @@ class GenLiftingPipelineConfig(VanillaPipelineConfig):
     """Pose encoder + field."""
     eval_pose_seed: int = 1234
     """Seed of the small noise added to held-out images before posing them (reproducible eval)."""
+    test_time_refine_steps: int = 0
+    """Beyond the thesis (gen_lifting/refinement.py): refine each held-out photo's predicted pose with this many Adam
+    steps against the trained field before scoring it (``psnr_refined``, ``test_refined_*``; the encoder-pose metrics
+    stay). 0 = off."""
+    test_time_refine_lr: float = 1e-2
+    """Initial Adam learning rate of the held-out pose corrections (radians / scene units per step; decays to a tenth
+    over the steps)."""
+    test_time_refine_pixels: int = 512
+    """Random pixels of a held-out photo rendered per refinement step."""
 
     def __post_init__(self) -> None:
         guards.check_flags(self)  # tyro builds this while parsing: before ns-train writes anything
+        check_refinement_flags(self)
+
+
+def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
+    """One-line errors for the pose refinement flags (gen_lifting/refinement.py), before anything is written."""
+    model = config.model
+    for flag, value in (("pipeline.model.pose-refinement-start-step", model.pose_refinement_start_step),
+                        ("pipeline.test-time-refine-steps", config.test_time_refine_steps)):
+        if value < 0:
+            raise guards.FlagError(f"--{flag} must be >= 0 (0 = off), got {value}")
+    if config.test_time_refine_pixels < 1:
+        raise guards.FlagError(f"--pipeline.test-time-refine-pixels must be >= 1, got {config.test_time_refine_pixels}")
+    if model.pose_refinement_start_step > 0 and model.camera_optimizer.mode == "off":
+        raise guards.FlagError("--pipeline.model.pose-refinement-start-step needs a camera optimizer: set "
+                               "--pipeline.model.camera-optimizer.mode SO3xR3")
+    refining = model.pose_refinement_start_step > 0 or config.test_time_refine_steps > 0
+    if refining and config.datamanager.use_dataset_poses:
+        raise guards.FlagError("pose refinement refines predicted poses; this method trains on the dataset poses "
+                               "(use_dataset_poses): leave --pipeline.model.pose-refinement-start-step and "
+                               "--pipeline.test-time-refine-steps at 0")
 
 
 class GenLiftingPipeline(VanillaPipeline):
@@ -93,8 +123,26 @@ class GenLiftingPipeline(VanillaPipeline):
         if guards.deterministic_mode_requested():
             guards.apply_deterministic_mode(self.device)
         callbacks = super().get_training_callbacks(training_callback_attributes)
+        if self.model.pose_refinement is not None:
+            callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                                              self.maybe_start_pose_refinement))
         guard = guards.nonfinite_guard(training_callback_attributes)
         return callbacks + ([guard] if guard is not None else [])
+
+    def maybe_start_pose_refinement(self, step: int) -> bool:
+        """At ``pose_refinement_start_step`` (or the first step after it, e.g. a run resumed from an older
+        checkpoint) snapshot the encoder's pose of every training photo; a loaded snapshot is kept. Returns whether
+        a snapshot was taken now."""
+        refinement = self.model.pose_refinement
+        if refinement is None or refinement.is_started or step < self.model.config.pose_refinement_start_step:
+            return False
+        was_training = self.training
+        self.eval()
+        refinement.start(self.predict_all_c2w(self.datamanager.train_images))
+        if was_training:
+            self.train()
+        self.show_predicted_poses()
+        return True
 
     @profiler.time_function
     def get_train_loss_dict(self, step: int):
@@ -155,7 +203,9 @@ class GenLiftingPipeline(VanillaPipeline):
 
         The datasets' cameras (viewer frusta, ``ns-render interpolate / spiral``) move to the predicted poses, and the
         model keeps them by split so that it renders a dataset camera from its photo's pose (``ns-render dataset``).
-        The dataset poses stay in ``datamanager.dataset_camera_to_worlds`` for evaluation. Returns the poses by split.
+        The dataset poses stay in ``datamanager.dataset_camera_to_worlds`` for evaluation. With training-time pose
+        refinement started, the training photos' cameras are their refined poses instead. Returns the encoder's poses
+        by split.
         No-op for gen-lifting-oracle, whose cameras are the dataset poses.
         """
         if self.uses_dataset_poses:
@@ -166,12 +216,16 @@ class GenLiftingPipeline(VanillaPipeline):
         poses = {"train": self.predict_all_c2w(dm.train_images), dm.test_split: self.predict_all_c2w(dm.eval_images)}
         if was_training:
             self.train()
-        self.model.view_poses = poses
+        shown = dict(poses)
+        if self.model.refining:  # the training photos' cameras are the refined ones (gen_lifting/refinement.py)
+            assert self.model.pose_refinement is not None
+            shown["train"] = self.model.pose_refinement.c2w().detach()
+        self.model.view_poses = shown
         # nerfstudio's eval dataloaders copy the eval cameras (ns-render spiral starts from one of theirs)
         loaders = ("eval_dataloader", "fixed_indices_eval_dataloader")
         eval_cameras = [dm.eval_dataset.cameras] + [getattr(dm, name).cameras for name in loaders if hasattr(dm, name)]
         for cams, split in [(dm.train_dataset.cameras, "train")] + [(cams, dm.test_split) for cams in eval_cameras]:
-            cams.camera_to_worlds.copy_(poses[split].to(cams.camera_to_worlds))
+            cams.camera_to_worlds.copy_(shown[split].to(cams.camera_to_worlds))
         return poses
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -193,11 +247,30 @@ class GenLiftingPipeline(VanillaPipeline):
         return metrics, images
 
     @torch.no_grad()
-    def evaluate_poses(self) -> Dict[str, float]:
+    def refine_held_out_poses(self) -> Float[Tensor, "num_images 3 4"]:
+        """Every held-out photo's encoder pose refined against the frozen field (``test_time_refine_steps``, iNeRF-like;
+        gen_lifting/refinement.py). Only the photos and the field are used, never a dataset pose."""
+        dm = self.datamanager
+        was_training = self.training
+        self.eval()
+        start = self.predict_all_c2w(dm.eval_images)
+        refined = refine_poses(self.model.render_pixels, start, dm.eval_images, self.config.test_time_refine_steps,
+                               self.config.test_time_refine_pixels, self.config.test_time_refine_lr,
+                               seed=self.config.eval_pose_seed)
+        if was_training:
+            self.train()
+        return refined
+
+    @torch.no_grad()
+    def evaluate_poses(self, refined_held_out: Optional[Tensor] = None) -> Dict[str, float]:
         """Pose errors after aligning predicted to true cameras (evaluation only; {} for the oracle).
 
         Training views: the alignment is fitted on them (keys as in ``alignment.pose_errors``). Held-out views
         (``test_*`` keys): the training views' alignment is applied to their predicted poses, nothing is refitted.
+        These keys score the encoder's poses. With pose refinement (gen_lifting/refinement.py): ``refined_*``, the
+        training photos' refined cameras (alignment fitted on them); ``test_refined_*``, ``refined_held_out`` (the
+        held-out photos' test-time refined poses, from ``refine_held_out_poses``) under the alignment fitted on the
+        cameras the field was trained with (refined ones once training-time refinement has started).
         """
         from gen_lifting.alignment import fit_camera_alignment, pose_errors
 
@@ -212,15 +285,30 @@ class GenLiftingPipeline(VanillaPipeline):
         alignment = fit_camera_alignment(pred, gt, mode)
         held_out = pose_errors(poses[dm.test_split], dm.dataset_camera_to_worlds("eval"), alignment=alignment)
         errors.update({f"test_{key}": value for key, value in held_out.items()})
+        field_alignment = alignment  # the frame of the cameras the field is trained with
+        if self.model.refining:
+            assert self.model.pose_refinement is not None
+            refined = self.model.pose_refinement.c2w().detach().double()
+            errors.update({f"refined_{key}": value for key, value in pose_errors(refined, gt, mode=mode).items()})
+            field_alignment = fit_camera_alignment(refined, gt, mode)
+        if refined_held_out is not None:
+            held_out = pose_errors(refined_held_out, dm.dataset_camera_to_worlds("eval"), alignment=field_alignment)
+            errors.update({f"test_refined_{key}": value for key, value in held_out.items()})
         return {key: float(value) for key, value in errors.items()}
 
     @profiler.time_function
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ) -> Dict[str, float]:
-        """PSNR / SSIM / LPIPS of every held-out image rendered from its *predicted* pose, plus pose errors."""
+        """PSNR / SSIM / LPIPS of every held-out image rendered from its *predicted* pose, plus pose errors.
+
+        With ``test_time_refine_steps`` also from its test-time refined pose (``psnr_refined``, ``ssim_refined``,
+        ``lpips_refined``; renders ``eval_refined_*.png``) and the refined poses' errors (``test_refined_*``)."""
         self.eval()
         loader = self.datamanager.fixed_indices_eval_dataloader
+        refined_held_out = None
+        if self.config.test_time_refine_steps > 0 and not self.uses_dataset_poses:
+            refined_held_out = self.refine_held_out_poses()
         per_image = []
         if output_path is not None:
             output_path.mkdir(parents=True, exist_ok=True)
@@ -232,6 +320,13 @@ class GenLiftingPipeline(VanillaPipeline):
                 outputs = self.model.get_outputs_for_camera(self.eval_camera(camera, batch))
                 metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
                 metrics["fps"] = 1.0 / max(time() - start, 1e-9)
+                if refined_held_out is not None:
+                    view = int(batch["image_idx"])
+                    refined_camera = self.model.cameras_from_c2w(refined_held_out[view:view + 1]).to(self.device)
+                    refined_metrics, refined_images = self.model.get_image_metrics_and_images(
+                        self.model.get_outputs_for_camera(refined_camera), batch)
+                    metrics.update({f"{key}_refined": value for key, value in refined_metrics.items()})
+                    images.update({f"refined_{key}": image for key, image in refined_images.items()})
                 if output_path is not None:
                     for key, image in images.items():
                         vutils.save_image(image.permute(2, 0, 1).cpu(), output_path / f"eval_{key}_{idx:04d}.png")
@@ -243,6 +338,6 @@ class GenLiftingPipeline(VanillaPipeline):
             result[key] = float(values.mean())
             if get_std:
                 result[f"{key}_std"] = float(values.std())
-        result.update(self.evaluate_poses())
+        result.update(self.evaluate_poses(refined_held_out))
         self.train()
         return result

@@ -83,7 +83,12 @@ def make_config(
         mixed_precision=False,
         machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
         pipeline=GenLiftingPipelineConfig(datamanager=dm, model=mdl),
-        optimizers={"fields": _adam(field_lr), "pose_encoder": _adam(encoder_lr)},
+        # camera_opt: the optional pose refinement's CameraOptimizer (gen_lifting/refinement.py). Listed always so that
+        # --optimizers.camera-opt.* exists; nerfstudio builds optimisers only for the model's param groups, so while
+        # the refinement is off (the default) it creates nothing. Constant lr 3e-3, no decay (a schedule's clock would
+        # start at step 0, not where the refinement starts); nerfacto's 1e-3 moved the corrections about half as fast
+        # when refinement was switched on in a resumed 3000-step lego run.
+        optimizers={"fields": _adam(field_lr), "pose_encoder": _adam(encoder_lr), "camera_opt": _adam(3e-3)},
         viewer=ViewerConfig(websocket_host="127.0.0.1", quit_on_train_completion=True, num_rays_per_chunk=4096),
         vis="viewer",
     )

@@ -1,0 +1,238 @@
+"""Optional pose refinement after discovery (gen_lifting/refinement.py): off by default and then inert, identity at
+start, saved and loaded with the run, iNeRF-like held-out refinement that must reduce a known pose error, and an
+ns-train-flag run whose loaded checkpoint evaluates to the in-memory numbers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import roma
+import torch
+from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+
+from gen_lifting.refinement import PoseRefinement, apply_correction, refine_poses
+from test_lifting_method import make_tiny_lego, setup_pipeline, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def tiny_lego(tmp_path_factory) -> Path:
+    return make_tiny_lego(tmp_path_factory.mktemp("refine") / "lego", n_train=4, n_eval=2)
+
+
+def refining_pipeline(data: Path, start: int = 1, test_steps: int = 0, seed: int = 0):
+    config = tiny_config(data)
+    config.pipeline.model.pose_refinement_start_step = start
+    config.pipeline.test_time_refine_steps = test_steps
+    torch.manual_seed(seed)
+    return config.pipeline.setup(device="cpu", test_mode="val")
+
+
+def losses(pipe, steps=(0, 1)):
+    out = []
+    opt = torch.optim.Adam(pipe.model.parameters(), lr=1e-2)
+    for step in steps:
+        torch.manual_seed(100 + step)
+        _, loss_dict, _ = pipe.get_train_loss_dict(step)
+        opt.zero_grad()
+        sum(loss_dict.values()).backward()
+        opt.step()
+        out.append({k: v.detach().clone() for k, v in loss_dict.items()})
+    return out
+
+
+def test_off_by_default_changes_nothing(tiny_lego):
+    """Default: no refinement module, the thesis' param groups and loss terms; a refinement that has not started
+    yet (start step never reached) gives bit-identical losses."""
+    default = setup_pipeline(tiny_lego)
+    assert default.model.config.pose_refinement_start_step == 0 and default.config.test_time_refine_steps == 0
+    assert default.model.pose_refinement is None
+    assert set(default.model.get_param_groups()) == {"fields", "pose_encoder"}
+    assert not any("pose_refinement" in key or "camera_opt" in key for key in default.model.state_dict())
+    reference = losses(default)
+    assert set(reference[0]) == {"rgb_loss", "score_ce_loss"}
+    waiting = refining_pipeline(tiny_lego, start=10**9)
+    for a, b in zip(reference, losses(waiting)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = default.get_average_eval_image_metrics()
+    assert not any("refined" in key for key in metrics)
+
+
+def test_correction_starts_at_identity_and_orbits_about_the_origin(tiny_lego):
+    """At the start step the refined poses are the snapshot, which is the encoder's top-scoring pose of each
+    training photo, and nerfstudio's tools see them; a rotation correction orbits a camera about the origin."""
+    pipe = refining_pipeline(tiny_lego, start=1)
+    refinement = pipe.model.pose_refinement
+    assert set(pipe.model.get_param_groups()) == {"fields", "pose_encoder", "camera_opt"}
+    assert not pipe.maybe_start_pose_refinement(0) and not refinement.is_started
+    assert pipe.maybe_start_pose_refinement(1) and refinement.is_started
+    assert not pipe.maybe_start_pose_refinement(2)  # once only
+    encoder = pipe.predict_all_c2w(pipe.datamanager.train_images)
+    assert torch.equal(refinement.snapshot_c2w, encoder)
+    assert torch.equal(refinement.c2w(), encoder)  # identity correction
+    # a rotation-only correction orbits the camera about the origin (centre and axes turn together)
+    with torch.no_grad():
+        refinement.camera_optimizer.pose_adjustment[2] = torch.tensor([0.0, 0.0, 0.0, 0.1, -0.2, 0.05])
+    turn = roma.rotvec_to_rotmat(torch.tensor([0.1, -0.2, 0.05]))
+    moved = refinement.c2w(torch.tensor([2]))[0]
+    assert torch.allclose(moved[:, 3], turn @ encoder[2, :, 3], atol=1e-5)
+    assert torch.allclose(moved[:, :3], turn @ encoder[2, :, :3], atol=1e-5)
+    assert torch.equal(refinement.c2w(torch.tensor([1])), encoder[1:2])  # the others stay
+    pipe.show_predicted_poses()
+    assert torch.allclose(pipe.datamanager.train_dataset.cameras.camera_to_worlds, refinement.c2w().detach())
+    assert torch.allclose(pipe.model.view_poses["train"], refinement.c2w().detach())
+
+
+def test_refined_loss_trains_field_and_corrections_not_the_encoder_render(tiny_lego):
+    """After the start the field gets gradient only from the refined cameras; the encoder still learns."""
+    pipe = refining_pipeline(tiny_lego, start=1)
+    pipe.maybe_start_pose_refinement(1)
+    pipe.train()
+    torch.manual_seed(0)
+    _, loss, metrics = pipe.get_train_loss_dict(1)
+    assert {"rgb_loss", "refined_rgb_loss", "camera_opt_regularizer", "score_ce_loss"} <= set(loss)
+    assert "refined_pose_train_psnr" in metrics
+    field = pipe.model.field
+    grads = [torch.autograd.grad(loss[key], [field.density_grid, pipe.model.pose_refinement.camera_optimizer
+                                             .pose_adjustment], allow_unused=True, retain_graph=True)
+             for key in ("rgb_loss", "refined_rgb_loss")]
+    assert grads[0][0] is None and grads[0][1] is None  # encoder render: no field gradient
+    assert grads[1][0].abs().sum() > 0 and grads[1][1].abs().sum() > 0
+    encoder_grad = torch.autograd.grad(loss["rgb_loss"], [pipe.model.pose_encoder.direction_head.weight])[0]
+    assert encoder_grad.abs().sum() > 0
+    assert all(p.requires_grad for p in field.parameters())  # the freeze is undone
+
+
+def toy_field_pipeline(data: Path):
+    """A fixed, hand-made field (an off-centre coloured box): the photometric error has a clear minimum at the
+    true pose."""
+    config = tiny_config(data)
+    config.pipeline.model.num_samples = 48
+    config.pipeline.model.field.resolution = 32
+    torch.manual_seed(0)
+    pipe = config.pipeline.setup(device="cpu", test_mode="val")
+    field = pipe.model.field
+    r = 32
+    axis = torch.linspace(-1.5, 1.5, r)  # the blender scene box
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")  # grid_sample order: (D, H, W) = (z, y, x)
+    inside = (x.abs() < 0.8) & ((y - 0.2).abs() < 0.6) & ((z + 0.1).abs() < 0.7)
+    with torch.no_grad():
+        field.density_grid.copy_(torch.where(inside, 4.0, -8.0)[None, None])
+        field.color_grid.copy_(torch.stack([3 * x, 3 * y, 3 * z * torch.sign(x)])[None])
+    pipe.eval()
+    return pipe
+
+
+def test_test_time_refinement_reduces_a_known_pose_error(tiny_lego):
+    """Toy: the field is fixed, the target photo is its render from a true pose, and the start pose is that pose
+    turned by 6 degrees about the origin. 100 steps must bring the rotation error to under half of that
+    (measured: 1.8 and 0.06 deg)."""
+    pipe = toy_field_pipeline(tiny_lego)
+    true = pipe.datamanager.dataset_camera_to_worlds("eval")[:2]
+    with torch.no_grad():
+        target = torch.stack([pipe.model.get_outputs_for_camera(pipe.model.cameras_from_c2w(true[i:i + 1]))["rgb"]
+                              for i in range(2)])
+    axes = torch.nn.functional.normalize(torch.tensor([[0.3, -0.8, 0.5], [-0.6, 0.2, 0.7]]), dim=1)
+    turn = roma.rotvec_to_rotmat(axes * math.radians(6.0))
+    start = torch.cat([turn @ true[:, :, :3], (turn @ true[:, :, 3:])], dim=-1)
+
+    def error(c2w):
+        return torch.rad2deg(roma.rotmat_geodesic_distance(c2w[:, :, :3], true[:, :, :3]))
+
+    refined = refine_poses(pipe.model.render_pixels, start, target, steps=100, pixels_per_view=512, lr=5e-3)
+    before, after = error(start), error(refined)
+    assert torch.allclose(before, torch.full((2,), 6.0), atol=1e-3)
+    assert (after < 3.0).all() and after.mean() < 1.5, (before, after)
+    assert not any(p.grad is not None for p in pipe.model.field.parameters())  # the field is untouched
+    # zero steps: the start pose itself
+    assert torch.equal(refine_poses(pipe.model.render_pixels, start, target, 0, 512, 5e-3), start)
+
+
+def test_snapshot_and_corrections_survive_save_and_load(tiny_lego):
+    pipe = refining_pipeline(tiny_lego, start=1)
+    pipe.maybe_start_pose_refinement(1)
+    with torch.no_grad():
+        pipe.model.pose_refinement.camera_optimizer.pose_adjustment.normal_(std=0.05)
+    state = {f"_model.{k}": v for k, v in pipe.model.state_dict().items()}
+    other = refining_pipeline(tiny_lego, start=1, seed=5)
+    assert not other.model.pose_refinement.is_started
+    other.load_pipeline(state, step=7)
+    assert other.model.pose_refinement.is_started
+    assert torch.equal(other.model.pose_refinement.snapshot_c2w, pipe.model.pose_refinement.snapshot_c2w)
+    assert torch.equal(other.model.pose_refinement.c2w(), pipe.model.pose_refinement.c2w())
+    assert torch.equal(other.model.view_poses["train"], pipe.model.pose_refinement.c2w().detach())
+    assert not other.maybe_start_pose_refinement(8)  # a resumed run keeps its snapshot
+
+
+def test_refinement_flags_are_checked():
+    from gen_lifting.guards import FlagError
+
+    config = tiny_config(Path("unused"))
+    with pytest.raises(FlagError, match="test-time-refine-steps"):
+        type(config.pipeline)(test_time_refine_steps=-1)
+    oracle = tiny_config(Path("unused"), "gen_lifting_oracle").pipeline
+    with pytest.raises(FlagError, match="dataset poses"):
+        type(oracle)(datamanager=oracle.datamanager, test_time_refine_steps=5)
+    with pytest.raises(FlagError, match="camera-optimizer"):
+        model = tiny_config(Path("unused")).pipeline.model
+        model.pose_refinement_start_step, model.camera_optimizer = 3, CameraOptimizerConfig(mode="off")
+        type(config.pipeline)(model=model)
+    with pytest.raises(ValueError):
+        PoseRefinement(3, CameraOptimizerConfig(mode="off"))
+    assert apply_correction(torch.eye(4)[None, :3], torch.eye(4)[None, :3]).equal(torch.eye(4)[None, :3])
+
+
+def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_lego):
+    """Both options set with ns-train's flags; 3 steps of nerfstudio's Trainer (refinement from step 1); the
+    checkpoint loaded the way ns-eval / the gen-lifting commands load it gives the in-memory numbers."""
+    import tyro
+
+    from gen_lifting.inference import load_pipeline
+
+    base = tiny_config(tiny_lego)
+    config = tyro.cli(type(base), default=base, args=[
+        "--pipeline.model.pose-refinement-start-step", "1", "--pipeline.test-time-refine-steps", "3",
+        "--optimizers.camera-opt.optimizer.lr", "1e-2"])
+    assert config.pipeline.model.pose_refinement_start_step == 1 and config.pipeline.test_time_refine_steps == 3
+    config.max_num_iterations, config.vis, config.output_dir = 3, "tensorboard", tmp_path / "outputs"
+    config.steps_per_eval_image = config.steps_per_eval_batch = 10**9
+    config.set_timestamp()
+    config.save_config()
+    torch.manual_seed(0)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()  # saves the last step's checkpoint, as ns-train does
+    pipe = trainer.pipeline
+    assert pipe.model.pose_refinement.is_started
+    assert pipe.model.pose_refinement.camera_optimizer.pose_adjustment.abs().sum() > 0  # corrections trained
+    in_memory = pipe.get_average_eval_image_metrics()
+    for key in ("psnr", "psnr_refined", "rot_err_median_deg", "refined_rot_err_median_deg",
+                "refined_within_15deg", "test_rot_err_median_deg", "test_refined_rot_err_median_deg"):
+        assert key in in_memory, key
+    loaded = load_pipeline(config.get_base_dir() / "config.yml", test_mode="val")
+    assert loaded.config.test_time_refine_steps == 3
+    metrics = loaded.get_average_eval_image_metrics()
+    assert metrics.keys() == in_memory.keys()
+    for key, value in in_memory.items():
+        if key != "fps":
+            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+def test_ns_train_two_iterations_with_refinement(tmp_path, tiny_lego):
+    """ns-train's main with both options on: the checkpoint carries the started snapshot and the corrections."""
+    import tyro
+    from nerfstudio.scripts.train import main
+
+    base = tiny_config(tiny_lego)
+    config = tyro.cli(type(base), default=base, args=["--pipeline.model.pose-refinement-start-step", "1",
+                                                      "--pipeline.test-time-refine-steps", "2"])
+    config.max_num_iterations, config.vis, config.output_dir = 2, "tensorboard", tmp_path / "outputs"
+    main(config)
+    ckpt = next((tmp_path / "outputs").rglob("step-*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert bool(state["pipeline"]["_model.pose_refinement.started"])
+    assert state["pipeline"]["_model.pose_refinement.snapshot_c2w"].abs().sum() > 0
+    assert "camera_opt" in state["optimizers"]
