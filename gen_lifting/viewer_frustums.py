@@ -37,8 +37,10 @@ def update_viewer_frustums(pipeline, viewer_state) -> int:
     poses = [pipeline.predict(chunk) for chunk in pipeline.datamanager.train_images.split(32)]
     if was_training:
         pipeline.train()
-    c2w_list, cand_list = [p[0].cpu() for p in poses], [p[1].cpu() for p in poses]
-    c2ws, cands = torch.cat(c2w_list).numpy(), torch.cat(cand_list).tolist()
+    cands = torch.cat([p[1].cpu() for p in poses]).tolist()
+    # the training photos' cameras as shown everywhere else: the encoder's poses, or the refined ones once
+    # training-time pose refinement has started (gen_lifting/refinement.py); colour = the encoder's winner
+    c2ws = model.view_poses["train"].detach().cpu().numpy()
     k = model.pose_encoder.num_candidates
     fx, _, cx, cy = model.intrinsics[:4].tolist()
     handles = getattr(viewer_state, "camera_handles", {}) or {}

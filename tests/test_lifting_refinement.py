@@ -236,3 +236,35 @@ def test_ns_train_two_iterations_with_refinement(tmp_path, tiny_lego):
     assert bool(state["pipeline"]["_model.pose_refinement.started"])
     assert state["pipeline"]["_model.pose_refinement.snapshot_c2w"].abs().sum() > 0
     assert "camera_opt" in state["optimizers"]
+
+
+def test_viewer_thumbnails_follow_the_refined_poses(tiny_lego):
+    """During training the viewer's thumbnail frusta sit at the poses every other tool shows: the refined ones once
+    refinement has started."""
+    from gen_lifting.viewer_frustums import update_viewer_frustums
+
+    class Handle:
+        position = wxyz = None
+
+    class Scene:
+        def add_camera_frustum(self, name, **kwargs):
+            pass
+
+    class Server:
+        scene = Scene()
+
+    class ViewerState:
+        viser_server = Server()
+        camera_handles = {2: Handle()}
+
+    pipe = refining_pipeline(tiny_lego, start=1)
+    assert pipe.maybe_start_pose_refinement(1)
+    with torch.no_grad():
+        pipe.model.pose_refinement.camera_optimizer.pose_adjustment[2] = torch.tensor([0.0, 0.0, 0.0, 0.1, -0.2, 0.05])
+    state = ViewerState()
+    update_viewer_frustums(pipe, state)
+    refined = pipe.model.pose_refinement.c2w(torch.tensor([2]))[0].detach()
+    encoder = pipe.predict_all_c2w(pipe.datamanager.train_images)[2]
+    shown = torch.tensor(state.camera_handles[2].position, dtype=torch.float32)
+    assert torch.allclose(shown, refined[:, 3] * 10, atol=1e-3)
+    assert not torch.allclose(shown, encoder[:, 3] * 10, atol=1e-2)
