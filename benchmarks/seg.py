@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -57,8 +58,13 @@ TRAINED = {
     "mask_mid": {"model.scheme": "mask_mid", "model.num_regions": 2},
     "unshared": {"model.scheme": "unshared", "model.num_regions": 2},
     "plain-kmeans": {"model.scheme": "plain"},
+    "plain-kmeans-k3": {"model.scheme": "plain"},
 }
-CLASSICAL = ("grabcut", "kmeans-colour", "centre-disc")
+SHARED_RUN = {"plain-kmeans-k3": "plain-kmeans"}
+"""Rows read from another row's trained model: plain-kmeans-k3 clusters the same plain DDPM's features into 3."""
+CLUSTERS = {"plain-kmeans": 2, "plain-kmeans-k3": 3, "kmeans-colour": 2, "kmeans-colour-k3": 3}
+"""k of the k-means rows: the K=3 model is compared with 3-cluster baselines under the same protocol."""
+CLASSICAL = ("grabcut", "kmeans-colour", "kmeans-colour-k3", "centre-disc")
 ALL_MODELS = tuple(TRAINED) + CLASSICAL
 DEFAULT_MODELS = ("factorized-k2", "factorized-k3", "concat", "mask_mid", "plain-kmeans", "grabcut", "kmeans-colour",
                   "centre-disc")
@@ -131,10 +137,10 @@ def grabcut_label(f: Path) -> np.ndarray:
     return np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
 
 
-def colour_kmeans_label(f: Path) -> np.ndarray:
+def colour_kmeans_label(f: Path, k: int = 2) -> np.ndarray:
     img = np.asarray(read_rgb(f))
     lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
-    return order_by_border(kmeans_labels(lab, 2, 0).reshape(img.shape[:2]), 2)
+    return order_by_border(kmeans_labels(lab, k, 0).reshape(img.shape[:2]), k)
 
 
 def centre_disc_label(f: Path) -> np.ndarray:
@@ -144,8 +150,8 @@ def centre_disc_label(f: Path) -> np.ndarray:
     return ((((xx + 0.5) / w - 0.5) / 0.35) ** 2 + (((yy + 0.5) / h - 0.5) / 0.35) ** 2 <= 1).astype(np.uint8)
 
 
-def plain_kmeans_labels(run: Path, files: List[Path], pred_dir: Path, t: int = 30, seed: int = 0) -> None:
-    """DatasetDDPM-unsup baseline: per image, 2-means on the plain DDPM's decoder features at t (model res)."""
+def plain_kmeans_labels(run: Path, files: List[Path], pred_dir: Path, t: int = 30, seed: int = 0, k: int = 2) -> None:
+    """DatasetDDPM-unsup baseline: per image, k-means on the plain DDPM's decoder features at t (model res)."""
     model, schedule, meta = load_for_inference(run)
     res = int(meta["resolution"])
     images = load_images(files, res, progress=False)
@@ -155,7 +161,7 @@ def plain_kmeans_labels(run: Path, files: List[Path], pred_dir: Path, t: int = 3
         x_t = schedule.add_noise(x0, tt, per_image_noise(x0.shape[1:], [seed + i]))
         feat = model.decoder_features(x_t, tt)[0]  # (feat, res, res)
         feat = F.normalize(feat, dim=0).permute(1, 2, 0).reshape(-1, feat.shape[0]).numpy()
-        lab = order_by_border(kmeans_labels(feat, 2, seed).reshape(res, res), 2)
+        lab = order_by_border(kmeans_labels(feat, k, seed).reshape(res, res), k)
         w, h = read_rgb(f).size
         full = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST)
         atomic_save_image(full.astype(np.uint8), pred_dir / f"{f.stem}.png")
@@ -189,30 +195,33 @@ def run_model(name: str, ds: str, args, overrides: Dict[str, object]) -> dict:
     row: dict = {}
     t0 = time.time()
     if name in TRAINED:
-        if (work / "run").exists() and not args.reuse:
-            shutil.rmtree(work / "run")
-        if not (args.reuse and (work / "run" / "checkpoints" / "ema.pt").is_file()):
+        shared = name in SHARED_RUN  # reads the trained model of another row (trained here if it has none yet)
+        run = Path(args.work_dir) / ds / SHARED_RUN[name] / "run" if shared else work / "run"
+        if run.exists() and not args.reuse and not shared:
+            shutil.rmtree(run)
+        if not ((args.reuse or shared) and (run / "checkpoints" / "ema.pt").is_file()):
+            shutil.rmtree(run, ignore_errors=True)
             cfg = with_overrides(PRESETS[args.preset], {**TRAINED[name], **overrides})
-            cfg = dataclasses.replace(cfg, data=str(image_dir), output_dir=work / "run", time_budget_s=args.budget_s,
+            cfg = dataclasses.replace(cfg, data=str(image_dir), output_dir=run, time_budget_s=args.budget_s,
                                       max_steps=args.max_steps, threads=args.threads, device=args.device,
                                       progress=args.progress, sample_every=0, checkpoint_every=0)
             result = train(cfg)
             row.update(train_s=result.train_s, steps=result.step, final_loss=result.last_loss)
-        if name == "plain-kmeans":
-            plain_kmeans_labels(work / "run", files, pred_dir)
+        if name in CLUSTERS:
+            plain_kmeans_labels(run, files, pred_dir, k=CLUSTERS[name])
         else:
             tmp = work / "segment"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for f in files:  # segment only the images that have masks
                 os.symlink(f.resolve(), tmp / f.name)
-            run_segment(SegmentConfig(run=work / "run", images=str(tmp), output_dir=work, t=30, batch_size=64,
+            run_segment(SegmentConfig(run=run, images=str(tmp), output_dir=work, t=30, batch_size=64,
                                       save_overlays=False, device=args.device, progress=False))
             shutil.move(str(work / "masks"), str(pred_dir))
     elif name == "grabcut":
         write_labels(pred_dir, files, grabcut_label)
-    elif name == "kmeans-colour":
-        write_labels(pred_dir, files, colour_kmeans_label)
+    elif name in ("kmeans-colour", "kmeans-colour-k3"):
+        write_labels(pred_dir, files, functools.partial(colour_kmeans_label, k=CLUSTERS[name]))
     elif name == "centre-disc":
         write_labels(pred_dir, files, centre_disc_label)
     row.update(score(pred_dir, mask_dir))
