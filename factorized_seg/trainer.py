@@ -55,7 +55,7 @@ class TrainConfig:
 
     preset: Literal["cpu", "paper64", "paper128", "custom"] = "custom"
     """Preset that sets the defaults of every other flag (flags given explicitly override it): cpu (32x32,
-    C=16, K=2, minutes on 2 cores), paper64 / paper128 (the thesis' 64x64 / 128x128 models, K=3, C=128, for a GPU)."""
+    C=16, K=3, minutes on 2 cores), paper64 / paper128 (the thesis' 64x64 / 128x128 models, K=3, C=128, for a GPU)."""
     data: str = "flowers17"
     """Image folder (jpg/png, any size; a folder with an images/ subfolder also works) or a bundled dataset name."""
     output_dir: Path = Path("runs/factorized-seg")
