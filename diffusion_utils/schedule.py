@@ -82,11 +82,15 @@ class DiffusionSchedule:
 
     def sample_timesteps(
         self, batch: int, device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None,
-        t_max: Optional[int] = None,
+        t_max: Optional[int] = None, power: float = 1.0,
     ) -> Int[Tensor, "batch"]:
-        """t ~ U{0, ..., t_max - 1} (default t_max = T), one per sample."""
+        """t ~ U{0, ..., t_max - 1} (default t_max = T), one per sample; with ``power`` p != 1, t = floor(t_max u^p),
+        u ~ U[0, 1), so p > 1 draws small t more often."""
         high = self.num_timesteps if t_max is None else max(1, min(t_max, self.num_timesteps))
-        return torch.randint(0, high, (batch,), generator=generator, device="cpu").to(device)
+        if power == 1.0:
+            return torch.randint(0, high, (batch,), generator=generator, device="cpu").to(device)
+        u = torch.rand(batch, generator=generator)
+        return (high * u.pow(power)).long().clamp(0, high - 1).to(device)
 
     def add_noise(
         self, x0: Float[Tensor, "batch *rest"], t: Int[Tensor, "batch"], noise: Float[Tensor, "batch *rest"]

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion_utils.schedule import DiffusionSchedule, DiffusionScheduleConfig, to_image_range, to_model_range
+from diffusion_utils.schedule import DiffusionScheduleConfig, to_image_range, to_model_range
 from factorized_seg.checkpoints import (  # noqa: F401 (load_for_inference, config_from_dict: re-exported)
     CHECKPOINT, EMA_WEIGHTS, FORMAT, FORMAT_VERSION, RESUME_KEYS, CheckpointError, atomic_torch_save,
     atomic_write_text, config_from_dict, config_to_dict, inference_part, load_for_inference, nonfinite_entries,
@@ -249,12 +249,6 @@ def warm_start(model: torch.nn.Module, source: Path) -> int:
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
-
-def sample_t(schedule: DiffusionSchedule, batch: int, power: float, gen: torch.Generator) -> Tensor:
-    if power == 1.0:
-        return schedule.sample_timesteps(batch, generator=gen)
-    u = torch.rand(batch, generator=gen)
-    return (schedule.num_timesteps * u.pow(power)).long().clamp(0, schedule.num_timesteps - 1)
 
 
 def _nonfinite_anywhere(loss: Tensor, world: int) -> bool:
@@ -542,7 +536,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         x0 = to_model_range(images[idx_data].float().div(255))
         x0 = augment_batch(x0, gen, cfg.augment).to(device, non_blocking=True).contiguous(memory_format=fmt)
         lab = labels[idx_data].to(device, non_blocking=True) if labels is not None else None
-        t = sample_t(schedule, per_rank, cfg.t_power, gen).to(device, non_blocking=True)
+        t = schedule.sample_timesteps(per_rank, generator=gen, power=cfg.t_power).to(device, non_blocking=True)
         noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True).contiguous(memory_format=fmt)
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)

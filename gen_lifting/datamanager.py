@@ -196,12 +196,8 @@ class GenLiftingDataManager(VanillaDataManager):
 
     def sample_timesteps(self, batch: int, generator: torch.Generator, t_max: Optional[int]) -> Int[Tensor, "batch"]:
         """t below the curriculum's cap: uniform (paper), or skewed toward small t by ``timestep_power``."""
-        power = self.config.timestep_power
-        if power == 1.0:  # the paper's draw, kept bit-identical to earlier runs
-            return self.schedule.sample_timesteps(batch, generator=generator, t_max=t_max)
-        high = self.schedule.num_timesteps if t_max is None else max(1, min(t_max, self.schedule.num_timesteps))
-        u = torch.rand(batch, generator=generator)
-        return (high * u.pow(power)).long().clamp_(max=high - 1)
+        return self.schedule.sample_timesteps(batch, generator=generator, t_max=t_max,
+                                              power=self.config.timestep_power)
 
     def sample_batch(self, images: Float[Tensor, "num_images height width 3"], batch: int, generator: torch.Generator,
                      t: Optional[Int[Tensor, "batch"]] = None, step: Optional[int] = None) -> Dict[str, Tensor]:
