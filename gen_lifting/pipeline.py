@@ -136,12 +136,9 @@ class GenLiftingPipeline(VanillaPipeline):
         refinement = self.model.pose_refinement
         if refinement is None or refinement.is_started or step < self.model.config.pose_refinement_start_step:
             return False
-        was_training = self.training
-        self.eval()
-        refinement.start(self.predict_all_c2w(self.datamanager.train_images))
-        if was_training:
-            self.train()
-        self.show_predicted_poses()
+        # one posing pass: the encoder's poses are the snapshot, and the cameras nerfstudio's tools read already show
+        # them (the corrections start at identity)
+        refinement.start(self.show_predicted_poses()["train"])
         return True
 
     @profiler.time_function
@@ -281,16 +278,17 @@ class GenLiftingPipeline(VanillaPipeline):
         pred, gt = poses["train"].double(), dm.dataset_camera_to_worlds("train").double()
         # 360 scenes: rotation about the object; forward-facing: fit on orientations (coplanar centres)
         mode = "rotation" if self.model.pose_encoder.config.mode == "candidates" else "orientation"
-        errors = pose_errors(pred, gt, mode=mode)
-        alignment = fit_camera_alignment(pred, gt, mode)
+        alignment = fit_camera_alignment(pred, gt, mode)  # fitted once: scores these views, then the held-out ones
+        errors = pose_errors(pred, gt, alignment=alignment)
         held_out = pose_errors(poses[dm.test_split], dm.dataset_camera_to_worlds("eval"), alignment=alignment)
         errors.update({f"test_{key}": value for key, value in held_out.items()})
         field_alignment = alignment  # the frame of the cameras the field is trained with
         if self.model.refining:
             assert self.model.pose_refinement is not None
             refined = self.model.pose_refinement.c2w().detach().double()
-            errors.update({f"refined_{key}": value for key, value in pose_errors(refined, gt, mode=mode).items()})
             field_alignment = fit_camera_alignment(refined, gt, mode)
+            refined_errors = pose_errors(refined, gt, alignment=field_alignment)
+            errors.update({f"refined_{key}": value for key, value in refined_errors.items()})
         if refined_held_out is not None:
             held_out = pose_errors(refined_held_out, dm.dataset_camera_to_worlds("eval"), alignment=field_alignment)
             errors.update({f"test_refined_{key}": value for key, value in held_out.items()})
