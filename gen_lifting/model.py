@@ -77,6 +77,11 @@ class GenLiftingModelConfig(ModelConfig):
     """Beyond the thesis (gen_lifting/refinement.py): from this step on, each training photo's camera is the encoder's
     pose of it (snapshot at this step) times a learned CameraOptimizer correction, and the field learns from those
     cameras (0 = off, the thesis method)."""
+    pose_refinement_reselect_ratio: float = 0.0
+    """Beyond the thesis, during pose refinement (0 = off): a training photo's refined camera jumps to the encoder's
+    best candidate of the current step when that candidate renders the photo's score pixels with less than this
+    fraction of the refined camera's error (e.g. 0.5). The refined camera becomes one more candidate of the method's
+    min over K, so a photo whose snapshot was grossly wrong is not stuck with it while the encoder improves."""
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="SO3xR3"))
     """nerfstudio's per-image pose correction used by the pose refinement (only built when it is on; its optimiser
     is the ``camera_opt`` group of ``--optimizers``)."""
@@ -310,12 +315,34 @@ class GenLiftingModel(Model):
                    "routed": routed, "cand_err": cand_err, "c2w": c2w}
         if refine:
             assert self.pose_refinement is not None
+            if k > 1 and self.config.pose_refinement_reselect_ratio > 0:
+                outputs["reselected"] = self.reselect_refined_cameras(batch, c2w.detach(), cand_err)
             render = self.render_pixel_outputs(self.pose_refinement.c2w(batch["image_idx"]), batch["loss_pixels"])
             outputs["refined_rgb"] = render["rgb"].reshape(target.shape)
         for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the field's training render
             if key in render:
                 outputs[key] = render[key]
         return outputs
+
+    @torch.no_grad()
+    def reselect_refined_cameras(
+        self, batch: Dict[str, Tensor], c2w: Float[Tensor, "batch cand 3 4"], cand_err: Float[Tensor, "batch cand"]
+    ) -> Tensor:
+        """``pose_refinement_reselect_ratio``: the refined camera of each batch photo is scored on the same clean
+        score pixels as the K candidates; where the best candidate's error is below ratio x the refined one's, the
+        photo's camera becomes that candidate. Returns how many photos jumped."""
+        assert self.pose_refinement is not None
+        idx = batch["image_idx"]
+        with self.scoring_pass():
+            rgb = self.render_pixels(self.pose_refinement.c2w(idx), batch["score_pixels"])
+        target = gather_pixels(batch["image"], batch["score_pixels"])
+        refined_err = (rgb - target).pow(2).mean(dim=(-1, -2))
+        best_err, best = cand_err.min(dim=1)
+        jump = best_err < self.config.pose_refinement_reselect_ratio * refined_err
+        if jump.any():
+            rows = torch.arange(c2w.shape[0], device=c2w.device)[jump]
+            self.pose_refinement.move_to(idx[jump], c2w[rows, best[jump]])
+        return jump.sum()
 
     def field_parameters(self) -> List[Parameter]:
         """The radiance field's parameters (and the proposal fields', which share its optimiser)."""
@@ -339,6 +366,8 @@ class GenLiftingModel(Model):
             refined_mse = (outputs["refined_rgb"] - outputs["target"]).pow(2).mean().detach()
             metrics["refined_pose_train_psnr"] = -10.0 * torch.log10(refined_mse.clamp_min(1e-10))
             self.pose_refinement.camera_optimizer.get_metrics_dict(metrics)
+            if "reselected" in outputs:
+                metrics["refined_reselected"] = outputs["reselected"].float()
         k = outputs["scores"].shape[1]
         if k > 1:
             metrics["score_argmax_is_argmin"] = (outputs["scores"].argmax(1) == outputs["winner"]).float().mean()

@@ -74,6 +74,12 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
     if model.pose_refinement_start_step > 0 and model.camera_optimizer.mode == "off":
         raise guards.FlagError("--pipeline.model.pose-refinement-start-step needs a camera optimizer: set "
                                "--pipeline.model.camera-optimizer.mode SO3xR3")
+    ratio = model.pose_refinement_reselect_ratio
+    if not 0 <= ratio < 1:
+        raise guards.FlagError(f"--pipeline.model.pose-refinement-reselect-ratio must be in [0, 1) (0 = off), got {ratio}")
+    if ratio > 0 and model.pose_refinement_start_step == 0:
+        raise guards.FlagError("--pipeline.model.pose-refinement-reselect-ratio acts during pose refinement: set "
+                               "--pipeline.model.pose-refinement-start-step N too")
     refining = model.pose_refinement_start_step > 0 or config.test_time_refine_steps > 0
     if refining and config.datamanager.use_dataset_poses:
         raise guards.FlagError("pose refinement refines predicted poses; this method trains on the dataset poses "

@@ -17,6 +17,10 @@ Training (``--pipeline.model.pose-refinement-start-step N``, 0 = off):
   The refined poses are what nerfstudio's tools read for the training photos (viewer frusta, ``ns-render dataset``)
   and what ``evaluate_poses`` scores as ``refined_*``; the encoder's own ``rot_err_*`` keep their meaning.
 
+``--pipeline.model.pose-refinement-reselect-ratio r`` (0 = off): a training photo whose refined camera renders its
+clean score pixels with more than 1 / r times the error of the encoder's best candidate of the current step jumps to
+that candidate (``PoseRefinement.move_to``); the snapshot is no longer a one-time decision.
+
 Held-out views (``--pipeline.test-time-refine-steps S``, 0 = off), as iNeRF does: starting from the encoder's pose of
 a held-out photo, S Adam steps on an SO3xR3 correction (a fresh CameraOptimizer) minimise the photometric error of
 a random pixel subset of that photo rendered by the frozen field. Ground truth never enters: the refined poses are
@@ -83,6 +87,14 @@ class PoseRefinement(nn.Module):
             raise ValueError(f"pose snapshot of shape {tuple(c2w.shape)}, expected {tuple(self.snapshot_c2w.shape)}")
         self.snapshot_c2w.copy_(c2w.to(self.snapshot_c2w))
         self.started.fill_(True)
+
+    @torch.no_grad()
+    def move_to(self, indices: Int[Tensor, "num"], c2w: Float[Tensor, "num 3 4"]) -> None:
+        """Make the refined camera of these images ``c2w`` (their corrections, and the optimiser's state for them, are
+        kept: the snapshot becomes correction^-1 o c2w)."""
+        indices = indices.to(self.snapshot_c2w.device)
+        correction = self.camera_optimizer(indices).detach()
+        self.snapshot_c2w[indices] = pose_utils.multiply(pose_utils.inverse(correction), c2w.to(self.snapshot_c2w))
 
     def c2w(self, indices: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch 3 4"]:
         """Refined camera-to-world of the given training images (all when ``indices`` is None)."""

@@ -268,3 +268,45 @@ def test_viewer_thumbnails_follow_the_refined_poses(tiny_lego):
     shown = torch.tensor(state.camera_handles[2].position, dtype=torch.float32)
     assert torch.allclose(shown, refined[:, 3] * 10, atol=1e-3)
     assert not torch.allclose(shown, encoder[:, 3] * 10, atol=1e-2)
+
+
+def test_reselect_moves_only_photos_whose_candidate_is_clearly_better(tiny_lego):
+    """``pose_refinement_reselect_ratio``: a photo jumps to its best candidate when that candidate's error is below
+    ratio x its refined camera's error (same score pixels); the others keep their refined camera, the corrections
+    are kept, and the jumped photo's refined camera is exactly the candidate."""
+    pipe = refining_pipeline(tiny_lego, start=1)
+    model = pipe.model
+    model.config.pose_refinement_reselect_ratio = 0.5
+    pipe.maybe_start_pose_refinement(1)
+    with torch.no_grad():
+        model.pose_refinement.camera_optimizer.pose_adjustment.normal_(std=0.05)
+    correction = model.pose_refinement.camera_optimizer.pose_adjustment.detach().clone()
+    before = model.pose_refinement.c2w().detach().clone()
+    _, batch = pipe.datamanager.next_train(0)
+    idx = batch["image_idx"]
+    assert len(set(idx.tolist())) == len(idx) >= 2  # distinct photos, so each row's outcome is its own
+    candidates = torch.stack([model.pose_refinement.c2w(idx).detach()] * 3, dim=1).clone()
+    candidates[:, 1, :, 3] += 0.3  # candidate 1: the refined camera moved 0.3 along the world axes
+    cand_err = torch.full((len(idx), 3), 1e3)
+    cand_err[0, 1] = 0.0  # photo 0: candidate 1 renders perfectly -> jumps; the others: candidates far worse
+    jumped = model.reselect_refined_cameras(batch, candidates, cand_err)
+    assert int(jumped) == 1
+    after = model.pose_refinement.c2w().detach()
+    assert torch.allclose(after[idx[0]], candidates[0, 1], atol=1e-5)
+    others = [i for i in range(before.shape[0]) if i != int(idx[0])]
+    assert torch.equal(after[others], before[others])
+    assert torch.equal(model.pose_refinement.camera_optimizer.pose_adjustment, correction)
+    # a training step with the ratio set logs how many photos jumped, and never trips on its own cameras
+    _, _, metrics = pipe.get_train_loss_dict(2)
+    assert "refined_reselected" in metrics
+
+
+def test_reselect_flag_is_checked():
+    from gen_lifting.guards import FlagError
+
+    config = tiny_config(Path("unused"))
+    for ratio, start, match in ((0.5, 0, "start-step"), (1.0, 5, r"\[0, 1\)"), (-0.1, 5, r"\[0, 1\)")):
+        model = tiny_config(Path("unused")).pipeline.model
+        model.pose_refinement_reselect_ratio, model.pose_refinement_start_step = ratio, start
+        with pytest.raises(FlagError, match=match):
+            type(config.pipeline)(model=model)
