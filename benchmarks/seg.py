@@ -202,11 +202,15 @@ def run_model(name: str, ds: str, args, overrides: Dict[str, object]) -> dict:
         if not ((args.reuse or shared) and (run / "checkpoints" / "ema.pt").is_file()):
             shutil.rmtree(run, ignore_errors=True)
             cfg = with_overrides(PRESETS[args.preset], {**TRAINED[name], **overrides})
+            max_steps = args.max_steps_for.get(SHARED_RUN.get(name, name), args.max_steps)
             cfg = dataclasses.replace(cfg, data=str(image_dir), output_dir=run, time_budget_s=args.budget_s,
-                                      max_steps=args.max_steps, threads=args.threads, device=args.device,
+                                      max_steps=max_steps, threads=args.threads, device=args.device,
                                       progress=args.progress, sample_every=0, checkpoint_every=0)
             result = train(cfg)
             row.update(train_s=result.train_s, steps=result.step, final_loss=result.last_loss)
+        else:  # a reused run: its step count from its checkpoint (its training time was recorded when it trained)
+            row["steps"] = int(torch.load(run / "checkpoints" / "latest.pt", map_location="cpu",
+                                          weights_only=True)["step"])
         if name in CLUSTERS:
             plain_kmeans_labels(run, files, pred_dir, k=CLUSTERS[name])
         else:
@@ -309,6 +313,9 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu", help="training preset the trained models start from")
     parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per trained model")
     parser.add_argument("--max-steps", type=int, default=10**9, help="also stop training after this many steps")
+    parser.add_argument("--max-steps-for", nargs="*", default=[], metavar="MODEL=STEPS",
+                        help="per-model step budgets, e.g. plain-kmeans=2640 (equal compute: a plain step costs ~1/3.3 "
+                             "of a K=3 factorized one, benchmarks/results/seg_step_cost.json)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: share the machine)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -327,6 +334,13 @@ def main() -> None:
         make_figure(args, json.loads(Path(args.out).read_text())["datasets"], Path(args.figure))
         return
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    try:
+        args.max_steps_for = {k: int(v) for k, v in (s.split("=", 1) for s in args.max_steps_for)}
+    except ValueError:
+        parser.error(f"--max-steps-for takes MODEL=STEPS pairs, got {' '.join(args.max_steps_for)}")
+    unknown = set(args.max_steps_for) - set(TRAINED)
+    if unknown:
+        parser.error(f"--max-steps-for: {', '.join(sorted(unknown))} is not a trained model ({', '.join(TRAINED)})")
     results: Dict[str, Dict[str, dict]] = {}
     for ds in args.datasets:
         if dataset_dirs(ds) is None:
