@@ -406,6 +406,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             ema.load_state_dict(ckpt["ema_state"])
+            ema.decay = cfg.ema_decay  # the flags of this invocation rule, as for --lr (the stored decay would win)
             step = int(ckpt["step"])
             gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:

@@ -135,6 +135,10 @@ def test_resume_continues_at_saved_step_with_identical_ema(trained, tmp_path):
     assert r["step"] == s["step"] == 4
     for k in s["ema_model"]:
         torch.testing.assert_close(r["ema_model"][k], s["ema_model"][k])
+    # --ema-decay given on resume takes effect (as --lr does) and is what the next checkpoint stores
+    assert main(["train", "--data", str(images), "--output-dir", str(resumed), *TINY_TRAIN, "--resume",
+                 "--max-steps", "5", "--sample-every", "0", "--ema-decay", "0.5"]) == 0
+    assert torch.load(resumed / "checkpoints" / "latest.pt", weights_only=True)["ema_state"]["decay"] == 0.5
 
 
 def assert_one_line_error(code, err, *words):
