@@ -303,7 +303,7 @@ def print_table(results: dict) -> None:
             s, i = r["strict"], r["iem"]
             print(f"{ds:<10} {m:<15} {100 * s['acc']:10.1f} {100 * s['iou']:6.1f} {100 * s['dice']:6.1f} | "
                   f"{100 * i['acc']:8.1f} {100 * i['iou']:6.1f} {100 * i['dice']:6.1f} | "
-                  f"{r.get('train_s', 0):7.0f} {r.get('steps', ''):>6} {r.get('position_only_share', 0):8.2f}")
+                  f"{('%.0f' % r['train_s']) if 'train_s' in r else '-':>7} {r.get('steps', ''):>6} {r.get('position_only_share', 0):8.2f}")
 
 
 def main() -> None:
