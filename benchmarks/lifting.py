@@ -58,7 +58,7 @@ REFINED_KEYS = ("psnr_refined", "ssim_refined", "lpips_refined", "refined_rot_er
                 "test_refined_within_15deg")
 """Metrics of gen-lifting's optional pose refinement: training-time (``refined_*``, training views) and test-time
 (``*_refined`` image metrics and ``test_refined_*``, held-out views); the unprefixed keys stay the encoder's."""
-GEN_METHODS = ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
+GEN_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
                "gen-lifting-single-oracle")
 
 

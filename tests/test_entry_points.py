@@ -21,7 +21,8 @@ def ns_train_help() -> str:
 
 
 def test_ns_train_lists_gen_lifting_methods(ns_train_help):
-    for name in ("gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
+    for name in ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu",
+                 "gen-lifting-oracle",
                  "gen-lifting-single-oracle"):
         assert name in ns_train_help
 

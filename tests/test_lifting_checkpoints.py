@@ -52,7 +52,8 @@ def test_every_gen_lifting_method_uses_the_crash_safe_trainer():
 
     methods = {spec.config.method_name: spec.config for spec in vars(specs).values()
                if isinstance(spec, MethodSpecification)}
-    assert {"gen-lifting", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
+    assert {"gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu",
+            "gen-lifting-oracle",
             "gen-lifting-single-oracle"} <= methods.keys()
     for name, config in methods.items():
         assert isinstance(config, GenLiftingTrainerConfig) and config._target is GenLiftingTrainer, name

@@ -310,3 +310,17 @@ def test_reselect_flag_is_checked():
         model.pose_refinement_reselect_ratio, model.pose_refinement_start_step = ratio, start
         with pytest.raises(FlagError, match=match):
             type(config.pipeline)(model=model)
+
+
+def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
+    """``ns-train gen-lifting-refine``: the thesis preset with the two refinement settings, nothing else changed."""
+    import copy
+    import dataclasses
+
+    import method_configs.gen_lifting as specs
+
+    base, refine = specs.gen_lifting.config, copy.deepcopy(specs.gen_lifting_refine.config)
+    assert refine.pipeline.model.pose_refinement_start_step == 2000 and refine.pipeline.test_time_refine_steps == 100
+    assert refine.max_num_iterations == base.max_num_iterations == 4000  # refinement gets the second half
+    refine.pipeline.model.pose_refinement_start_step, refine.pipeline.test_time_refine_steps = 0, 0
+    assert dataclasses.replace(refine, method_name=base.method_name) == base
