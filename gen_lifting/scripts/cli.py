@@ -157,7 +157,8 @@ class Demo:
     data: str = "lego"
     """Bundled scene name or path to a Blender-format scene."""
     method: str = "gen-lifting"
-    """gen-lifting or gen-lifting-ae."""
+    """gen-lifting (the thesis), gen-lifting-refine (ours: + pose refinement from step 2000 and 100 iNeRF-like steps
+    per held-out photo; needs --max-num-iterations above 2000 to refine training poses) or gen-lifting-ae."""
 
     def main(self) -> None:
         import copy
@@ -168,9 +169,11 @@ class Demo:
         import method_configs.gen_lifting as specs
         from gen_lifting.inference import load_pipeline, orbit_c2w, plot_cameras, render_c2w, save_png
 
-        spec = {"gen-lifting": specs.gen_lifting, "gen-lifting-ae": specs.gen_lifting_ae}.get(self.method)
+        spec = {"gen-lifting": specs.gen_lifting, "gen-lifting-refine": specs.gen_lifting_refine,
+                "gen-lifting-ae": specs.gen_lifting_ae}.get(self.method)
         if spec is None:
-            raise SystemExit(f"error: --method must be gen-lifting or gen-lifting-ae, got {self.method!r}")
+            raise SystemExit("error: --method must be gen-lifting, gen-lifting-refine or gen-lifting-ae, got "
+                             f"{self.method!r}")
         config = copy.deepcopy(spec.config)
         config.pipeline.datamanager.data = Path(self.data)
         config.max_num_iterations = self.max_num_iterations
