@@ -301,9 +301,10 @@ def print_table(results: dict) -> None:
     for ds, rows in results.items():
         for m, r in rows.items():
             s, i = r["strict"], r["iem"]
+            train_s = f"{r['train_s']:.0f}" if "train_s" in r else "-"  # reused runs: timed when they trained
             print(f"{ds:<10} {m:<15} {100 * s['acc']:10.1f} {100 * s['iou']:6.1f} {100 * s['dice']:6.1f} | "
                   f"{100 * i['acc']:8.1f} {100 * i['iou']:6.1f} {100 * i['dice']:6.1f} | "
-                  f"{('%.0f' % r['train_s']) if 'train_s' in r else '-':>7} {r.get('steps', ''):>6} {r.get('position_only_share', 0):8.2f}")
+                  f"{train_s:>7} {r.get('steps', ''):>6} {r.get('position_only_share', 0):8.2f}")
 
 
 def main() -> None:
@@ -338,9 +339,11 @@ def main() -> None:
         args.max_steps_for = {k: int(v) for k, v in (s.split("=", 1) for s in args.max_steps_for)}
     except ValueError:
         parser.error(f"--max-steps-for takes MODEL=STEPS pairs, got {' '.join(args.max_steps_for)}")
-    unknown = set(args.max_steps_for) - set(TRAINED)
+    own_runs = [m for m in TRAINED if m not in SHARED_RUN]  # a SHARED_RUN row trains nothing of its own
+    unknown = set(args.max_steps_for) - set(own_runs)
     if unknown:
-        parser.error(f"--max-steps-for: {', '.join(sorted(unknown))} is not a trained model ({', '.join(TRAINED)})")
+        parser.error(f"--max-steps-for: {', '.join(sorted(unknown))} does not train a model of its own (those that do: "
+                     f"{', '.join(own_runs)}; {', '.join(f'{a} reads {b}' for a, b in SHARED_RUN.items())})")
     results: Dict[str, Dict[str, dict]] = {}
     for ds in args.datasets:
         if dataset_dirs(ds) is None:

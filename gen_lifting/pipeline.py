@@ -76,7 +76,8 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
                                "--pipeline.model.camera-optimizer.mode SO3xR3")
     ratio = model.pose_refinement_reselect_ratio
     if not 0 <= ratio < 1:
-        raise guards.FlagError(f"--pipeline.model.pose-refinement-reselect-ratio must be in [0, 1) (0 = off), got {ratio}")
+        raise guards.FlagError(f"--pipeline.model.pose-refinement-reselect-ratio must be in [0, 1) (0 = off), "
+                               f"got {ratio}")
     if ratio > 0 and model.pose_refinement_start_step == 0:
         raise guards.FlagError("--pipeline.model.pose-refinement-reselect-ratio acts during pose refinement: set "
                                "--pipeline.model.pose-refinement-start-step N too")

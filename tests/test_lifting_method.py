@@ -260,8 +260,8 @@ def test_unknown_data_name_is_a_one_line_error():
     assert "\n" not in message and "lego" in message and "fern" in message
 
 
-@pytest.mark.parametrize("method", ["gen_lifting", "gen_lifting_refine", "gen_lifting_ae", "gen_lifting_single", "gen_lifting_gpu",
-                                    "gen_lifting_oracle", "gen_lifting_single_oracle"])
+@pytest.mark.parametrize("method", ["gen_lifting", "gen_lifting_refine", "gen_lifting_ae", "gen_lifting_single",
+                                    "gen_lifting_gpu", "gen_lifting_oracle", "gen_lifting_single_oracle"])
 def test_ns_train_two_iterations(tmp_path, tiny_lego, method):
     from nerfstudio.scripts.train import main
 
