@@ -288,9 +288,15 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """The code's commit (``-dirty`` when tracked files differ from it); BENCH_COMMIT on a copy without .git."""
+    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (e.g. a remote GPU machine)
+        return os.environ["BENCH_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
