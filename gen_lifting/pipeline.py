@@ -106,6 +106,8 @@ class GenLiftingPipeline(VanillaPipeline):
             self.world_size = self.datamanager.world_size = world_size
             self._model = DDP(self._model, find_unused_parameters=True)
         self.model.intrinsics.copy_(self.datamanager.intrinsics.to(self.model.intrinsics))
+        self.train_candidates: Optional[Tensor] = None
+        """Winning candidate of each training photo at the last ``show_predicted_poses`` (None for the oracle)."""
         self.show_predicted_poses()
 
     @property
@@ -194,9 +196,15 @@ class GenLiftingPipeline(VanillaPipeline):
     def predict_c2w(self, images: Float[Tensor, "batch height width 3"]) -> Float[Tensor, "batch 3 4"]:
         return self.predict(images)[0]
 
+    def predict_all(
+        self, images: Float[Tensor, "num_images height width 3"]
+    ) -> Tuple[Float[Tensor, "num_images 3 4"], Int[Tensor, "num_images"]]:
+        """``predict`` in chunks of 32 images (the noise of each chunk is the seeded evaluation noise)."""
+        out = [self.predict(chunk) for chunk in images.split(32)]
+        return torch.cat([c2w for c2w, _ in out]), torch.cat([index for _, index in out])
+
     def predict_all_c2w(self, images: Float[Tensor, "num_images height width 3"]) -> Float[Tensor, "num_images 3 4"]:
-        """``predict_c2w`` in chunks of 32 images (the noise of each chunk is the seeded evaluation noise)."""
-        return torch.cat([self.predict_c2w(chunk) for chunk in images.split(32)])
+        return self.predict_all(images)[0]
 
     def predict_cameras(self, images: Float[Tensor, "batch height width 3"]) -> Cameras:
         return self.model.cameras_from_c2w(self.predict_c2w(images)).to(self.device)
@@ -209,7 +217,8 @@ class GenLiftingPipeline(VanillaPipeline):
         model keeps them by split so that it renders a dataset camera from its photo's pose (``ns-render dataset``).
         The dataset poses stay in ``datamanager.dataset_camera_to_worlds`` for evaluation. With training-time pose
         refinement started, the training photos' cameras are their refined poses instead. Returns the encoder's poses
-        by split.
+        by split, and keeps each training photo's winning candidate index in ``train_candidates`` (the viewer's
+        frustum colours).
         No-op for gen-lifting-oracle, whose cameras are the dataset poses.
         """
         if self.uses_dataset_poses:
@@ -217,7 +226,8 @@ class GenLiftingPipeline(VanillaPipeline):
         dm = self.datamanager
         was_training = self.training
         self.eval()
-        poses = {"train": self.predict_all_c2w(dm.train_images), dm.test_split: self.predict_all_c2w(dm.eval_images)}
+        train_c2w, self.train_candidates = self.predict_all(dm.train_images)
+        poses = {"train": train_c2w, dm.test_split: self.predict_all_c2w(dm.eval_images)}
         if was_training:
             self.train()
         shown = dict(poses)

@@ -31,13 +31,8 @@ def update_viewer_frustums(pipeline, viewer_state) -> int:
     import viser.transforms as vtf
 
     model = pipeline.model
-    was_training = pipeline.training
-    pipeline.show_predicted_poses()  # the dataset cameras the viewer (and ns-render) read
-    pipeline.eval()
-    poses = [pipeline.predict(chunk) for chunk in pipeline.datamanager.train_images.split(32)]
-    if was_training:
-        pipeline.train()
-    cands = torch.cat([p[1].cpu() for p in poses]).tolist()
+    pipeline.show_predicted_poses()  # the dataset cameras the viewer (and ns-render) read; one encoder pass
+    cands = pipeline.train_candidates.cpu().tolist()
     # the training photos' cameras as shown everywhere else: the encoder's poses, or the refined ones once
     # training-time pose refinement has started (gen_lifting/refinement.py); colour = the encoder's winner
     c2ws = model.view_poses["train"].detach().cpu().numpy()

@@ -362,9 +362,22 @@ def test_viewer_frustums_follow_predicted_poses(pipeline):
         camera_handles = {0: Handle()}
 
     state = ViewerState()
-    drawn = update_viewer_frustums(pipeline, state)
+    calls = []
+    predict = pipeline.predict
+    pipeline.predict = lambda images: calls.append(len(images)) or predict(images)  # count encoder passes
+    try:
+        drawn = update_viewer_frustums(pipeline, state)
+    finally:
+        del pipeline.predict
     n = len(pipeline.datamanager.train_images)
     assert drawn == n and len(state.viser_server.scene.calls) == n
+    # one encoder pass per photo per redraw (training and held-out photos), not a second one for the colours
+    assert sum(calls) == n + len(pipeline.datamanager.eval_images)
+    from gen_lifting.viewer_frustums import candidate_colour
+
+    winners = pipeline.predict(pipeline.datamanager.train_images[:3])[1].tolist()
+    k = pipeline.model.pose_encoder.num_candidates
+    assert [kw["color"] for _, kw in state.viser_server.scene.calls[:3]] == [candidate_colour(c, k) for c in winners]
     pred = pipeline.predict_c2w(pipeline.datamanager.train_images[:1])[0]
     assert torch.allclose(torch.tensor(state.camera_handles[0].position, dtype=torch.float32), pred[:, 3] * 10, atol=1e-3)
     assert update_viewer_frustums(pipeline, object()) == 0  # no viewer: nothing drawn
