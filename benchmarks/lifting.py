@@ -201,7 +201,7 @@ def train(method: str, config, budget_s: float, log_every_s: float, max_steps: i
         elapsed = time.time() - start
         if log_every_s > 0 and elapsed >= next_log:
             next_log += log_every_s
-            line = f"  [{method}] {elapsed:6.0f}s step {step:6d} loss {float(loss):.4f}"
+            line = f"  [{method}] {elapsed:6.0f}s step {step:6d} loss {loss.item():.4f}"
             pe = pipe.evaluate_poses() if method in GEN_METHODS else {}
             if pe:
                 line += (f" rot_med {pe['rot_err_median_deg']:6.1f} within15 {pe['within_15deg']:.2f}"
