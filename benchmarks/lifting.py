@@ -58,6 +58,14 @@ REFINED_KEYS = ("psnr_refined", "ssim_refined", "lpips_refined", "refined_rot_er
                 "test_refined_within_15deg")
 """Metrics of gen-lifting's optional pose refinement: training-time (``refined_*``, training views) and test-time
 (``*_refined`` image metrics and ``test_refined_*``, held-out views); the unprefixed keys stay the encoder's."""
+
+
+def refined_key(key: str) -> str:
+    """The REFINED_KEYS name of a metric read from the refined poses (psnr -> psnr_refined, rot_err_median_deg ->
+    refined_rot_err_median_deg, test_within_15deg -> test_refined_within_15deg)."""
+    if key in ("psnr", "ssim", "lpips"):
+        return f"{key}_refined"
+    return "test_refined_" + key[len("test_"):] if key.startswith("test_") else "refined_" + key
 GEN_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
                "gen-lifting-single-oracle")
 
@@ -409,6 +417,29 @@ def image_size(path: Path) -> Tuple[int, int]:
         return img.size
 
 
+def print_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
+    """One line per scene and method (PSNR / SSIM / LPIPS, training and held-out pose error), a "refined poses"
+    line under a row with pose refinement, and the registration count under a colmap row."""
+    header = (f"{'scene':6s} {'method':26s} {'PSNR':>6s} {'SSIM':>6s} {'LPIPS':>6s} {'rot med':>8s} {'<=15deg':>8s}"
+              f" {'test rot':>8s} {'<=15deg':>8s} {'steps':>7s}")
+    print(header)
+    columns = ("psnr", "ssim", "lpips", "rot_err_median_deg", "within_15deg", "test_rot_err_median_deg",
+               "test_within_15deg")
+
+    def cells(m: Dict[str, Any], key_of=lambda key: key) -> str:
+        v = [float("nan") if m.get(key_of(k)) is None else m[key_of(k)] for k in columns]  # colmap: no field
+        return (f"{v[0]:6.2f} {v[1]:6.3f} {v[2]:6.3f} {v[3]:8.1f} {v[4]:8.2f} {v[5]:8.1f} {v[6]:8.2f}")
+
+    for scene, rows in results.items():
+        for method, m in rows.items():
+            steps = float("nan") if m.get("steps") is None else m["steps"]
+            print(f"{scene:6s} {method:26s} {cells(m)} {steps:7.0f}")
+            if "registered" in m:
+                print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
+            if any(key in m for key in REFINED_KEYS):  # the same columns from the refined poses
+                print(f"{'':6s} {'  refined poses':26s} {cells(m, refined_key)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock seconds per method")
@@ -457,26 +488,7 @@ def main() -> None:
                 metrics.update(train_s=train_s, steps=steps)
                 results[scene][method] = metrics
                 print(f"   {json.dumps({k: round(v, 4) for k, v in metrics.items()})}", flush=True)
-    header = (f"{'scene':6s} {'method':26s} {'PSNR':>6s} {'SSIM':>6s} {'LPIPS':>6s} {'rot med':>8s} {'<=15deg':>8s}"
-              f" {'test rot':>8s} {'<=15deg':>8s} {'steps':>7s}")
-    print(header)
-    nan = float("nan")
-    for scene, rows in results.items():
-        for method, m in rows.items():
-            v = {k: nan if m.get(k) is None else m[k] for k in ("psnr", "ssim", "lpips", "rot_err_median_deg",
-                 "within_15deg", "test_rot_err_median_deg", "test_within_15deg", "steps")}  # colmap: no field, no steps
-            print(f"{scene:6s} {method:26s} {v['psnr']:6.2f} {v['ssim']:6.3f} {v['lpips']:6.3f} "
-                  f"{v['rot_err_median_deg']:8.1f} {v['within_15deg']:8.2f} "
-                  f"{v['test_rot_err_median_deg']:8.1f} {v['test_within_15deg']:8.2f} {v['steps']:7.0f}")
-            if "registered" in m:
-                print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
-            if any(key in m for key in REFINED_KEYS):  # the same columns from the refined poses
-                r = {k: m.get(k, nan) for k in ("psnr_refined", "ssim_refined", "lpips_refined",
-                     "refined_rot_err_median_deg", "refined_within_15deg", "test_refined_rot_err_median_deg",
-                     "test_refined_within_15deg")}
-                print(f"{'':6s} {'  refined poses':26s} {r['psnr_refined']:6.2f} {r['ssim_refined']:6.3f} "
-                      f"{r['lpips_refined']:6.3f} {r['refined_rot_err_median_deg']:8.1f} {r['refined_within_15deg']:8.2f} "
-                      f"{r['test_refined_rot_err_median_deg']:8.1f} {r['test_refined_within_15deg']:8.2f}")
+    print_table(results)
     write_result(args.out, commit, budget_s=args.budget_s, max_steps=args.max_steps, seed=args.seed, scenes=results)
 
 
