@@ -512,3 +512,12 @@ def test_index_select_hash_lookup_matches_nerfstudio_values_and_gradients():
     torch.testing.assert_close(fast.hash_table.grad, ref.hash_table.grad)
     assert HashFieldConfig(num_levels=2, log2_hashmap_size=8, implementation="torch").setup(
         aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])).mlp_base.model[0].__class__ is IndexSelectHashEncoding
+
+
+def test_demo_methods_name_their_registered_specs():
+    """Each ``gen-lifting demo --method`` name reads the MethodSpecification registered under that name."""
+    import method_configs.gen_lifting as specs
+    from gen_lifting.scripts.cli import DEMO_METHODS
+
+    for name in DEMO_METHODS:
+        assert getattr(specs, name.replace("-", "_")).config.method_name == name

@@ -146,6 +146,10 @@ class View:
             pass
 
 
+DEMO_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae")
+"""Registered methods the demo can train (CPU presets whose pose encoder scores candidates)."""
+
+
 @dataclass
 class Demo:
     """Train the CPU preset of gen-lifting on the bundled 64x64 lego, then write test renders and an orbit."""
@@ -169,12 +173,10 @@ class Demo:
         import method_configs.gen_lifting as specs
         from gen_lifting.inference import load_pipeline, orbit_c2w, plot_cameras, render_c2w, save_png
 
-        spec = {"gen-lifting": specs.gen_lifting, "gen-lifting-refine": specs.gen_lifting_refine,
-                "gen-lifting-ae": specs.gen_lifting_ae}.get(self.method)
-        if spec is None:
-            raise SystemExit("error: --method must be gen-lifting, gen-lifting-refine or gen-lifting-ae, got "
-                             f"{self.method!r}")
-        config = copy.deepcopy(spec.config)
+        if self.method not in DEMO_METHODS:
+            raise SystemExit(f"error: --method must be one of {', '.join(DEMO_METHODS)}, got {self.method!r}")
+        # the registered MethodSpecification of that name (method_configs/gen_lifting.py: gen-lifting -> gen_lifting)
+        config = copy.deepcopy(getattr(specs, self.method.replace("-", "_")).config)
         config.pipeline.datamanager.data = Path(self.data)
         config.max_num_iterations = self.max_num_iterations
         config.output_dir = self.output_dir
