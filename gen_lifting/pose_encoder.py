@@ -54,6 +54,11 @@ class PoseEncoderConfig(InstantiateConfig):
     """U-Net encoder trunk that reads the noisy image."""
     spread_init: bool = True
     """Initialise the candidates of one octant at different elevations (otherwise they start identical)."""
+    input_size: int = 0
+    """Ours (0 = off: the encoder reads x_t at the image's size): area-resize x_t so that its longer side is this many
+    pixels before the encoder reads it (e.g. 64 for 128x128 views: the encoder sees what it sees at 64 px while the
+    field renders and is scored at the full size). Applied inside the encoder, after noising, so training, posing
+    new photos and sampling all see the same input."""
 
 
 class PoseEncoder(nn.Module):
@@ -103,6 +108,12 @@ class PoseEncoder(nn.Module):
             self.direction_head.bias.copy_(bias.reshape(-1))
 
     def features(self, x_t: Float[Tensor, "batch 3 height width"], t: Int[Tensor, "batch"]) -> Tensor:
+        size = self.config.input_size
+        h, w = x_t.shape[-2:]
+        if size > 0 and max(h, w) != size:
+            scale = size / max(h, w)
+            x_t = nn.functional.interpolate(x_t, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                            mode="area")
         temb = self.time_embed(t)
         h, _ = self.encoder(x_t, temb)
         return nn.functional.silu(self.norm(h)).mean(dim=(2, 3))

@@ -67,6 +67,23 @@ def test_pose_encoder_shapes_and_spread():
     assert sum(p.numel() for p in groups["pose_encoder"]) == sum(p.numel() for p in enc.parameters())
 
 
+def test_pose_encoder_input_size_reads_an_area_downsampled_copy():
+    """input_size 8: a 16x16 x_t is read as its 2x2-average copy (the same output as giving that copy with the option
+    off); an input already at that size, and non-square inputs (longer side to 8), pass through."""
+    torch.manual_seed(0)
+    small = PoseEncoderConfig(num_candidates=4, trunk=_tiny_trunk(), input_size=8).setup()
+    plain = PoseEncoderConfig(num_candidates=4, trunk=_tiny_trunk()).setup()
+    plain.load_state_dict(small.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    pooled = torch.nn.functional.avg_pool2d(x, 2)
+    for a, b in zip(small(x, t), plain(pooled, t)):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(small(pooled, t), plain(pooled, t)):
+        torch.testing.assert_close(a, b)
+    c2w, scores = small(torch.randn(2, 3, 16, 24), t)
+    assert c2w.shape == (2, 4, 3, 4) and torch.isfinite(scores).all()
+
+
 def test_pose_encoder_single_mode_starts_at_identity():
     enc = PoseEncoderConfig(mode="single", trunk=_tiny_trunk()).setup()
     c2w, scores = enc(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
