@@ -53,6 +53,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's gen_lifting, not whichever one the environment installed
 REFINED_KEYS = ("psnr_refined", "ssim_refined", "lpips_refined", "refined_rot_err_median_deg", "refined_rot_err_mean_deg",
                 "refined_within_15deg", "test_refined_rot_err_median_deg", "test_refined_rot_err_mean_deg",
                 "test_refined_within_15deg")
