@@ -109,11 +109,11 @@ class PoseEncoder(nn.Module):
 
     def features(self, x_t: Float[Tensor, "batch 3 height width"], t: Int[Tensor, "batch"]) -> Tensor:
         size = self.config.input_size
-        h, w = x_t.shape[-2:]
-        if size > 0 and max(h, w) != size:
-            scale = size / max(h, w)
-            x_t = nn.functional.interpolate(x_t, size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                                            mode="area")
+        height, width = x_t.shape[-2:]
+        if size > 0 and max(height, width) != size:
+            scale = size / max(height, width)
+            x_t = nn.functional.interpolate(x_t, mode="area",
+                                            size=(max(1, round(height * scale)), max(1, round(width * scale))))
         temb = self.time_embed(t)
         h, _ = self.encoder(x_t, temb)
         return nn.functional.silu(self.norm(h)).mean(dim=(2, 3))
