@@ -521,3 +521,15 @@ def test_demo_methods_name_their_registered_specs():
 
     for name in DEMO_METHODS:
         assert getattr(specs, name.replace("-", "_")).config.method_name == name
+
+
+def test_cpu_presets_pose_larger_views_through_a_64px_copy():
+    """gen-lifting's CPU presets read views larger than 64 px through a 64-px copy (pose_encoder.input_size), which
+    at 64 px (the bundled lego, every measured CPU result) is the identity; the GPU and forward-facing presets read
+    their views at full size."""
+    import method_configs.gen_lifting as specs
+
+    for spec in (specs.gen_lifting, specs.gen_lifting_refine, specs.gen_lifting_ae, specs.gen_lifting_oracle):
+        assert spec.config.pipeline.model.pose_encoder.input_size == 64
+    for spec in (specs.gen_lifting_gpu, specs.gen_lifting_single):
+        assert spec.config.pipeline.model.pose_encoder.input_size == 0
