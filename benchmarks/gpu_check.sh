@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" > /dev/null && ! "$PY" -c "import nerfstudio, diffusers, tyro" 2> /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl
-  export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/device_wheels.sh  # the carried wheels, where the image lacks them
 export PYTHONUNBUFFERED=1
 # on the device machine only $OUT comes back: write the JSON there (then copy it to benchmarks/results/)
 exec "$PY" benchmarks/gpu_check.py ${OUT:+--out "$OUT/gpu_check.json"} "$@"

@@ -12,10 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" > /dev/null && ! "$PY" -c "import nerfstudio, diffusers, tyro" 2> /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gd_site .whl/*.whl
-  export PYTHONPATH="/tmp/gd_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/device_wheels.sh  # the carried wheels, where the image lacks them
 export PYTHONUNBUFFERED=1 BENCH_COMMIT="${BENCH_COMMIT:-}"
 SEG_S="${SEG_S:-300}"; LIFT_S="${LIFT_S:-330}"; LIFT_STEPS="${LIFT_STEPS:-4000}"; DEVICE="${DEVICE:-cuda}"
 # every job is stopped after JOB_S seconds, so the results of the others always come back (540-s device call)
