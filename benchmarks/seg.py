@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from factorized_seg.presets import PRESETS  # noqa: E402
 from factorized_seg.segment import SegmentConfig, run_segment  # noqa: E402
 from factorized_seg.trainer import atomic_write_text, load_for_inference, train  # noqa: E402
 from factorized_seg.viz import atomic_save_image, colour_masks, to_uint8  # noqa: E402
+from lifting import git_commit  # noqa: E402  (one commit record for every benchmark)
 
 SHARED = REPO.parent / "shared" / "data" / "seg"
 TRAINED = {
@@ -288,17 +288,9 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The code's commit (``-dirty`` when tracked files differ from it); BENCH_COMMIT on a copy without .git."""
-    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (e.g. a remote GPU machine)
-        return os.environ["BENCH_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The code's commit as every benchmark records it (``lifting.git_commit``: ``-dirty`` when tracked files differ,
+    BENCH_COMMIT on a copy without .git); "unknown" outside a git checkout."""
+    return git_commit() or "unknown"
 
 
 def print_table(results: dict) -> None:
