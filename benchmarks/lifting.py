@@ -67,8 +67,10 @@ def refined_key(key: str) -> str:
     if key in ("psnr", "ssim", "lpips"):
         return f"{key}_refined"
     return "test_refined_" + key[len("test_"):] if key.startswith("test_") else "refined_" + key
-GEN_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu", "gen-lifting-oracle",
-               "gen-lifting-single-oracle")
+
+
+GEN_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu",
+               "gen-lifting-oracle", "gen-lifting-single-oracle")
 
 
 def machine() -> str:
