@@ -72,6 +72,9 @@ def check_flags(config: "GenLiftingPipelineConfig") -> None:
         raise FlagError(f"--pipeline.datamanager.diffusion.beta-end as used (after the 1000 / T scaling, "
                         f"T = {num_timesteps}) is {beta_end:g}, it must stay below 1; use more "
                         "--pipeline.datamanager.diffusion.num-timesteps or a smaller beta-end")
+    if not 0 <= model.field_max_t <= num_timesteps:
+        raise FlagError(f"--pipeline.model.field-max-t must be in [0, {num_timesteps}] (0 = off; the schedule's "
+                        f"T = {num_timesteps}), got {model.field_max_t}")
     if not 0 <= dm.eval_timestep < num_timesteps:
         raise FlagError(f"--pipeline.datamanager.eval-timestep must be in [0, {num_timesteps - 1}] "
                         f"(the schedule's T = {num_timesteps}), got {dm.eval_timestep}")

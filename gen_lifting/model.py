@@ -24,7 +24,7 @@ from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 import torch
 import torch.nn.functional as F
 import tyro
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.cameras.rays import RayBundle
@@ -102,6 +102,11 @@ class GenLiftingModelConfig(ModelConfig):
     (linearly decayed to 0 over ``random_route_steps``; the CE target stays the argmin)."""
     random_route_steps: int = 0
     """Steps over which ``random_route_prob`` decays to 0."""
+    field_max_t: int = 0
+    """Ours, not the thesis' (0 = off, the thesis: every image trains the field). Only images noised to t below this
+    train the radiance field; the noisier ones train the pose encoder alone (their render still passes gradients to
+    the cameras). At large t the encoder cannot see the pose, so its best-of-K camera can be far off, and a field
+    fitted to those renders blurs. Training photos only; the oracle and pose refinement are unaffected."""
     score_chunk_rays: int = 8192
     """Candidate scoring renders at most this many rays at once (bounds memory: K x images x score pixels rays
     with a hash-grid field can need tens of GB in one pass)."""
@@ -307,9 +312,13 @@ class GenLiftingModel(Model):
         # encoder's render trains the encoder alone unless ``refinement_field_from_encoder``
         refine = self.refining and self.training and "camera_to_worlds" not in batch
         freeze = refine and not self.config.refinement_field_from_encoder
-        with (frozen_parameters(self.field_parameters()) if freeze else contextlib.nullcontext()), \
-                (self.scoring_pass() if refine else contextlib.nullcontext()):
-            render = self.render_pixel_outputs(best, batch["loss_pixels"])
+        gate = (self.config.field_max_t > 0 and self.training and not refine and "camera_to_worlds" not in batch)
+        if gate:
+            render = self.render_gated(best, batch["loss_pixels"], batch["t"] < self.config.field_max_t)
+        else:
+            with (frozen_parameters(self.field_parameters()) if freeze else contextlib.nullcontext()), \
+                    (self.scoring_pass() if refine else contextlib.nullcontext()):
+                render = self.render_pixel_outputs(best, batch["loss_pixels"])
         target = gather_pixels(batch["image"], batch["loss_pixels"])
         outputs = {"rgb": render["rgb"].reshape(target.shape), "target": target, "scores": scores, "winner": winner,
                    "routed": routed, "cand_err": cand_err, "c2w": c2w}
@@ -323,6 +332,26 @@ class GenLiftingModel(Model):
             if key in render:
                 outputs[key] = render[key]
         return outputs
+
+    def render_gated(
+        self, c2w: Float[Tensor, "batch 3 4"], pixels: Int[Tensor, "batch count 2"], learn: Bool[Tensor, "batch"]
+    ) -> Dict[str, Tensor]:
+        """``field_max_t``: the rows where ``learn`` holds are rendered with gradients into the field, the others
+        with the field frozen (gradients reach their cameras only). ``rgb`` comes back in the batch's row order;
+        a proposal sampler's lists come from the field-training render."""
+        if bool(learn.all()) or not bool(learn.any()):
+            with (contextlib.nullcontext() if bool(learn.all()) else frozen_parameters(self.field_parameters())):
+                return self.render_pixel_outputs(c2w, pixels)
+        count = pixels.shape[1]
+        trained = self.render_pixel_outputs(c2w[learn], pixels[learn])
+        with frozen_parameters(self.field_parameters()), self.scoring_pass():
+            frozen = self.render_pixel_outputs(c2w[~learn], pixels[~learn])
+        rgb = torch.empty(c2w.shape[0], count, 3, dtype=trained["rgb"].dtype, device=c2w.device)
+        rgb = rgb.index_put((learn.nonzero()[:, 0],), trained["rgb"].reshape(-1, count, 3))
+        rgb = rgb.index_put(((~learn).nonzero()[:, 0],), frozen["rgb"].reshape(-1, count, 3))
+        out = {"rgb": rgb.reshape(-1, 3)}
+        out.update({key: trained[key] for key in ("weights_list", "ray_samples_list") if key in trained})
+        return out
 
     @torch.no_grad()
     def reselect_refined_cameras(
