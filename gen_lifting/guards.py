@@ -75,6 +75,11 @@ def check_flags(config: "GenLiftingPipelineConfig") -> None:
     if not 0 <= model.field_max_t <= num_timesteps:
         raise FlagError(f"--pipeline.model.field-max-t must be in [0, {num_timesteps}] (0 = off; the schedule's "
                         f"T = {num_timesteps}), got {model.field_max_t}")
+    if not model.refinement_distill_mult >= 0:
+        raise FlagError(f"--pipeline.model.refinement-distill-mult must be >= 0, got {model.refinement_distill_mult}")
+    if model.refinement_distill_mult > 0 and model.pose_refinement_start_step <= 0:
+        raise FlagError("--pipeline.model.refinement-distill-mult needs pose refinement: set "
+                        "--pipeline.model.pose-refinement-start-step (e.g. 2000, as gen-lifting-refine does)")
     if not 0 <= dm.eval_timestep < num_timesteps:
         raise FlagError(f"--pipeline.datamanager.eval-timestep must be in [0, {num_timesteps - 1}] "
                         f"(the schedule's T = {num_timesteps}), got {dm.eval_timestep}")

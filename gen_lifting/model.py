@@ -88,6 +88,11 @@ class GenLiftingModelConfig(ModelConfig):
     refinement_field_from_encoder: bool = False
     """During pose refinement, let the encoder's min-over-K render train the field too (default: only the refined
     cameras train the field; the encoder's render trains the encoder alone)."""
+    refinement_distill_mult: float = 0.0
+    """Ours (0 = off): during pose refinement, also pull the encoder's winning candidate of each training photo
+    toward that photo's refined camera (mean squared difference of the 3x4 camera-to-world matrices, the refined
+    camera held fixed), so that the encoder alone poses new photos about as well as the refinement did. The refined
+    cameras are the model's own (no dataset pose is read)."""
     field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
     """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
     when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
@@ -328,6 +333,9 @@ class GenLiftingModel(Model):
                 outputs["reselected"] = self.reselect_refined_cameras(batch, c2w.detach(), cand_err)
             render = self.render_pixel_outputs(self.pose_refinement.c2w(batch["image_idx"]), batch["loss_pixels"])
             outputs["refined_rgb"] = render["rgb"].reshape(target.shape)
+            if self.config.refinement_distill_mult > 0:
+                outputs["distill_pred"] = best
+                outputs["distill_target"] = self.pose_refinement.c2w(batch["image_idx"]).detach()
         for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the field's training render
             if key in render:
                 outputs[key] = render[key]
@@ -413,6 +421,9 @@ class GenLiftingModel(Model):
         if "refined_rgb" in outputs and self.pose_refinement is not None:
             loss["refined_rgb_loss"] = F.mse_loss(outputs["refined_rgb"], outputs["target"])
             self.pose_refinement.camera_optimizer.get_loss_dict(loss)  # its L2 regulariser, as in nerfacto
+        if "distill_pred" in outputs:
+            loss["pose_distill_loss"] = self.config.refinement_distill_mult * F.mse_loss(
+                outputs["distill_pred"], outputs["distill_target"])
         if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
         if self.proposal is not None and "weights_list" in outputs:

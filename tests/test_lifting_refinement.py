@@ -141,6 +141,32 @@ def test_field_max_t_trains_the_field_from_low_noise_images_only(tiny_lego):
         config.pipeline.__post_init__()
 
 
+def test_distillation_pulls_the_encoder_toward_the_refined_cameras_only(tiny_lego):
+    """Ours: ``refinement_distill_mult`` adds a loss on the encoder's winning camera against the refined one (held
+    fixed): it trains the encoder, never the corrections or the field; it needs refinement."""
+    from gen_lifting.guards import FlagError
+
+    config = tiny_config(tiny_lego)
+    config.pipeline.model.pose_refinement_start_step = 1
+    config.pipeline.model.refinement_distill_mult = 1.0
+    torch.manual_seed(0)
+    pipe = config.pipeline.setup(device="cpu", test_mode="val")
+    pipe.maybe_start_pose_refinement(1)
+    pipe.train()
+    torch.manual_seed(0)
+    _, loss, _ = pipe.get_train_loss_dict(1)
+    distill = loss["pose_distill_loss"]
+    assert distill > 0
+    refinement = pipe.model.pose_refinement
+    enc, corr, grid = torch.autograd.grad(
+        distill, [pipe.model.pose_encoder.direction_head.weight, refinement.camera_optimizer.pose_adjustment,
+                  pipe.model.field.density_grid], allow_unused=True)
+    assert enc.abs().sum() > 0 and corr is None and grid is None
+    config.pipeline.model.pose_refinement_start_step = 0
+    with pytest.raises(FlagError, match="refinement-distill-mult needs pose refinement"):
+        config.pipeline.__post_init__()
+
+
 def toy_field_pipeline(data: Path):
     """A fixed, hand-made field (an off-centre coloured box): the photometric error has a clear minimum at the
     true pose."""
