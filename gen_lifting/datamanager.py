@@ -216,6 +216,7 @@ class GenLiftingDataManager(VanillaDataManager):
             "image": clean,
             "x_t": x_t,
             "t": t_used,
+            "alpha_bar": self.schedule.alphas_cumprod[t_used.cpu()].to(self.device),  # signal share of x_t
             "loss_pixels": self._random_pixels(batch, self.config.loss_pixels_per_image, h, w, generator),
             "score_pixels": self._random_pixels(batch, self.config.score_pixels_per_image, h, w, generator),
         }

@@ -91,8 +91,10 @@ class GenLiftingModelConfig(ModelConfig):
     refinement_distill_mult: float = 0.0
     """Ours (0 = off): during pose refinement, also pull the encoder's winning candidate of each training photo
     toward that photo's refined camera (mean squared difference of the 3x4 camera-to-world matrices, the refined
-    camera held fixed), so that the encoder alone poses new photos about as well as the refinement did. The refined
-    cameras are the model's own (no dataset pose is read)."""
+    camera held fixed), weighted by alpha_bar(t), the share of signal left in the encoder's input: the encoder is
+    asked for the exact pose where it can see the photo, not where x_t is mostly noise. Aim: the encoder alone
+    poses new photos about as well as the refinement did. The refined cameras are the model's own (no dataset pose
+    is read)."""
     field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
     """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
     when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
@@ -422,8 +424,8 @@ class GenLiftingModel(Model):
             loss["refined_rgb_loss"] = F.mse_loss(outputs["refined_rgb"], outputs["target"])
             self.pose_refinement.camera_optimizer.get_loss_dict(loss)  # its L2 regulariser, as in nerfacto
         if "distill_pred" in outputs:
-            loss["pose_distill_loss"] = self.config.refinement_distill_mult * F.mse_loss(
-                outputs["distill_pred"], outputs["distill_target"])
+            per_image = (outputs["distill_pred"] - outputs["distill_target"]).pow(2).mean(dim=(1, 2))
+            loss["pose_distill_loss"] = self.config.refinement_distill_mult * (batch["alpha_bar"] * per_image).mean()
         if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
         if self.proposal is not None and "weights_list" in outputs:

@@ -162,6 +162,11 @@ def test_distillation_pulls_the_encoder_toward_the_refined_cameras_only(tiny_leg
         distill, [pipe.model.pose_encoder.direction_head.weight, refinement.camera_optimizer.pose_adjustment,
                   pipe.model.field.density_grid], allow_unused=True)
     assert enc.abs().sum() > 0 and corr is None and grid is None
+    _, batch = pipe.datamanager.next_train(1)  # weighted by alpha_bar(t): nothing asked of pure noise
+    outputs = pipe.model(batch)
+    assert pipe.model.get_loss_dict(outputs, batch)["pose_distill_loss"] > 0
+    batch["alpha_bar"] = torch.zeros_like(batch["alpha_bar"])
+    assert pipe.model.get_loss_dict(outputs, batch)["pose_distill_loss"] == 0
     config.pipeline.model.pose_refinement_start_step = 0
     with pytest.raises(FlagError, match="refinement-distill-mult needs pose refinement"):
         config.pipeline.__post_init__()
