@@ -86,6 +86,17 @@ def test_correction_starts_at_identity_and_orbits_about_the_origin(tiny_lego):
     assert torch.allclose(pipe.model.view_poses["train"], refinement.c2w().detach())
 
 
+def test_demo_plots_the_refined_cameras_once_refinement_has_started(tiny_lego, tmp_path):
+    """The demo's camera pictures: the encoder's poses always, the refined ones only after the start step."""
+    from gen_lifting.scripts.cli import write_camera_plots
+
+    pipe = refining_pipeline(tiny_lego, start=1)
+    assert [p.name for p in write_camera_plots(pipe, {}, tmp_path / "a")] == ["cameras.png"]
+    pipe.maybe_start_pose_refinement(1)
+    written = write_camera_plots(pipe, {"refined_rot_err_median_deg": 1.0}, tmp_path / "b")
+    assert [p.name for p in written] == ["cameras.png", "cameras_refined.png"] and all(p.is_file() for p in written)
+
+
 def test_refined_loss_trains_field_and_corrections_not_the_encoder_render(tiny_lego):
     """After the start the field gets gradient only from the refined cameras; the encoder still learns."""
     pipe = refining_pipeline(tiny_lego, start=1)

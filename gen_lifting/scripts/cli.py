@@ -146,6 +146,31 @@ class View:
             pass
 
 
+def write_camera_plots(pipeline, metrics: dict, output_dir: Path) -> list[Path]:
+    """``cameras.png``: the encoder's poses of the training photos against the true ones (rotation-aligned; true poses
+    are read for this picture only). A run whose pose refinement has started also gets ``cameras_refined.png``, its
+    refined training cameras, which are what the field was trained from at the end."""
+    import torch
+
+    from gen_lifting.inference import plot_cameras
+
+    if pipeline.model.pose_encoder.config.mode != "candidates":
+        return []
+    gt = pipeline.datamanager.dataset_camera_to_worlds("train").cpu()
+    pred = pipeline.predict_all_c2w(pipeline.datamanager.train_images).cpu()
+    written = [output_dir / "cameras.png"]
+    plot_cameras(pred, gt, written[0], f"encoder poses: median rotation error "
+                                        f"{metrics.get('rot_err_median_deg', float('nan')):.1f} deg")
+    refinement = pipeline.model.pose_refinement
+    if refinement is not None and refinement.is_started:
+        written.append(output_dir / "cameras_refined.png")
+        with torch.no_grad():
+            refined = refinement.c2w().cpu()
+        plot_cameras(refined, gt, written[1], f"refined poses: median rotation error "
+                                              f"{metrics.get('refined_rot_err_median_deg', float('nan')):.1f} deg")
+    return written
+
+
 DEMO_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae")
 """Registered methods the demo can train (CPU presets whose pose encoder scores candidates)."""
 
@@ -171,7 +196,7 @@ class Demo:
         from nerfstudio.scripts.train import main as ns_train
 
         import method_configs.gen_lifting as specs
-        from gen_lifting.inference import load_pipeline, orbit_c2w, plot_cameras, render_c2w, save_png
+        from gen_lifting.inference import load_pipeline, orbit_c2w, render_c2w, save_png
 
         if self.method not in DEMO_METHODS:
             raise SystemExit(f"error: --method must be one of {', '.join(DEMO_METHODS)}, got {self.method!r}")
@@ -189,11 +214,7 @@ class Demo:
         _write_json({"config": str(config_path), "metrics": metrics}, self.output_dir / "metrics.json")
         frames = render_c2w(pipeline, orbit_c2w(pipeline.model.pose_encoder.config.radius, 30.0, 8)).cpu()
         save_png(torch.cat(list(frames), dim=1), self.output_dir / "orbit.png")
-        if pipeline.model.pose_encoder.config.mode == "candidates":  # camera plot (true poses: evaluation only)
-            pred = pipeline.predict_all_c2w(pipeline.datamanager.train_images).cpu()
-            gt = pipeline.datamanager.dataset_camera_to_worlds("train").cpu()
-            plot_cameras(pred, gt, self.output_dir / "cameras.png",
-                         f"median rotation error {metrics.get('rot_err_median_deg', float('nan')):.1f} deg")
+        write_camera_plots(pipeline, metrics, self.output_dir)
         print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
         print(f"config: {config_path}\nrenders: {self.output_dir}/test_renders, {self.output_dir}/orbit.png")
 
