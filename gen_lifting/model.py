@@ -333,11 +333,12 @@ class GenLiftingModel(Model):
             assert self.pose_refinement is not None
             if k > 1 and self.config.pose_refinement_reselect_ratio > 0:
                 outputs["reselected"] = self.reselect_refined_cameras(batch, c2w.detach(), cand_err)
-            render = self.render_pixel_outputs(self.pose_refinement.c2w(batch["image_idx"]), batch["loss_pixels"])
+            refined_c2w = self.pose_refinement.c2w(batch["image_idx"])
+            render = self.render_pixel_outputs(refined_c2w, batch["loss_pixels"])
             outputs["refined_rgb"] = render["rgb"].reshape(target.shape)
             if self.config.refinement_distill_mult > 0:
                 outputs["distill_pred"] = best
-                outputs["distill_target"] = self.pose_refinement.c2w(batch["image_idx"]).detach()
+                outputs["distill_target"] = refined_c2w.detach()
         for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the field's training render
             if key in render:
                 outputs[key] = render[key]
