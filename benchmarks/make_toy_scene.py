@@ -2,10 +2,13 @@
 scene nothing was tuned on.
 
     python benchmarks/make_toy_scene.py --out /tmp/table --size 64
+    python benchmarks/make_toy_scene.py --scene blocks --out /tmp/blocks --size 64
 
 "table": a four-legged table (near four-fold symmetric) carrying two small coloured blocks at one corner, so the
 rotation about the vertical axis is decided by small details only; checker-textured top, Lambert shading, RGBA
-with a transparent background (the Blender parser composites it on white, as for lego). Cameras as lego's: centres
+with a transparent background (the Blender parser composites it on white, as for lego). "blocks": six boxes of
+different sizes, heights and colours on a checkered base plate, placed with no symmetry, so every view's pose is
+decided by coarse structure (a scene poseable in principle, unlike the table). Cameras as lego's: centres
 on a sphere of radius 4.03, elevation uniform in 8..90 degrees, azimuth uniform, looking at the origin, lego's
 field of view. 100 train, 20 val, 100 test views, fixed seed. Written by a tiny numpy ray caster (ray / box slabs),
 so the scene needs no Blender, no download and has no licence attached.
@@ -37,6 +40,22 @@ def table_scene() -> List[Box]:
     boxes.append((np.array([0.3, 0.3, 0.4]), np.array([0.7, 0.7, 0.75]), np.array([0.85, 0.15, 0.12]), False))
     boxes.append((np.array([0.35, -0.15, 0.4]), np.array([0.55, 0.15, 0.95]), np.array([0.15, 0.35, 0.85]), False))
     return boxes
+
+
+def blocks_scene() -> List[Box]:
+    boxes: List[Box] = [(np.array([-1.1, -1.1, -0.6]), np.array([1.1, 1.1, -0.5]), np.array([0.70, 0.70, 0.70]), True)]
+    for (x0, y0, x1, y1, height), colour, checker in (
+            ((-0.8, 0.2, -0.45, 0.55, 0.9), (0.85, 0.15, 0.12), False),   # tall red tower
+            ((0.0, -0.75, 0.85, -0.45, -0.2), (0.15, 0.35, 0.85), True),   # long low blue bar
+            ((0.35, 0.3, 0.75, 0.7, 0.0), (0.20, 0.70, 0.25), True),       # green cube
+            ((-0.5, -0.8, -0.2, -0.3, 0.3), (0.95, 0.80, 0.15), False),    # yellow pillar
+            ((-0.1, -0.1, 0.15, 0.15, -0.3), (0.55, 0.20, 0.70), False),   # small purple block
+            ((-0.2, 0.6, 0.2, 0.9, 0.5), (0.95, 0.55, 0.20), True)):      # orange post
+        boxes.append((np.array([x0, y0, -0.5]), np.array([x1, y1, height]), np.array(colour), checker))
+    return boxes
+
+
+SCENES = {"table": table_scene, "blocks": blocks_scene}
 
 
 def look_at(centre: np.ndarray) -> np.ndarray:
@@ -85,12 +104,13 @@ def render(c2w: np.ndarray, size: int, boxes: List[Box]) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scene", choices=sorted(SCENES), default="table", help="which procedural scene to render")
     parser.add_argument("--out", type=Path, required=True, help="scene folder to write")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="camera sampling seed")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    boxes = table_scene()
+    boxes = SCENES[args.scene]()
     for split, count in (("train", 100), ("val", 20), ("test", 100)):
         (args.out / split).mkdir(parents=True, exist_ok=True)
         frames = []
