@@ -104,6 +104,12 @@ class GenLiftingModelConfig(ModelConfig):
     """lambda, weight of CE(scores, argmin) (paper: 0.1)."""
     tv_loss_mult: float = 0.0
     """Weight of the total-variation prior on the field's grids."""
+    tv_decay_start_step: int = 0
+    """Ours (0 = off: the TV weight stays ``tv_loss_mult``). From this step on the TV weight falls linearly to 0 over
+    ``tv_decay_steps``: the prior that helps poses form early also blurs the field, and a blurred field gives the
+    pose refinement a flat photometric error to descend (the issue's "decay the TV prior once poses settle")."""
+    tv_decay_steps: int = 1000
+    """Steps over which the TV weight falls to 0 once ``tv_decay_start_step`` is reached."""
     random_route_prob: float = 0.0
     """Early exploration: chance that an image's gradient goes to a random candidate instead of the argmin
     (linearly decayed to 0 over ``random_route_steps``; the CE target stays the argmin)."""
@@ -197,6 +203,13 @@ class GenLiftingModel(Model):
         if cfg.random_route_prob <= 0 or cfg.random_route_steps <= 0:
             return 0.0
         return cfg.random_route_prob * max(0.0, 1.0 - self.step / cfg.random_route_steps)
+
+    def tv_weight(self) -> float:
+        """``tv_loss_mult``, decayed linearly to 0 from ``tv_decay_start_step`` over ``tv_decay_steps`` when set."""
+        cfg = self.config
+        if cfg.tv_decay_start_step <= 0 or self.step < cfg.tv_decay_start_step:
+            return cfg.tv_loss_mult
+        return cfg.tv_loss_mult * max(0.0, 1.0 - (self.step - cfg.tv_decay_start_step) / max(cfg.tv_decay_steps, 1))
 
     # ----------------------------------------------------------------------------------- parameters
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -431,8 +444,9 @@ class GenLiftingModel(Model):
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
         if self.proposal is not None and "weights_list" in outputs:
             loss["interlevel_loss"] = self.proposal.loss(outputs["weights_list"], outputs["ray_samples_list"])
-        if self.config.tv_loss_mult > 0 and hasattr(self.field, "total_variation"):
-            loss["tv_loss"] = self.config.tv_loss_mult * self.field.total_variation()
+        tv_weight = self.tv_weight()
+        if tv_weight > 0 and hasattr(self.field, "total_variation"):
+            loss["tv_loss"] = tv_weight * self.field.total_variation()
         return loss
 
     # ----------------------------------------------------------------------------------- inference

@@ -226,6 +226,30 @@ def test_random_routing_sends_gradient_to_the_routed_candidate(tiny_lego):
     assert pipe.model.route_prob() == 0.0
 
 
+def test_tv_prior_decays_to_zero_after_its_start_step(tiny_lego):
+    pipe = setup_pipeline(tiny_lego)
+    cfg = pipe.model.config
+    cfg.tv_loss_mult, cfg.tv_decay_start_step, cfg.tv_decay_steps = 0.1, 10, 4
+    weights = []
+    for step in (0, 9, 10, 12, 14, 20):
+        pipe.model.step = step
+        weights.append(pipe.model.tv_weight())
+    assert weights == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.0, 0.0])
+    torch.manual_seed(5)
+    _, batch = pipe.datamanager.next_train(0)
+    outputs = pipe.model(batch)
+    pipe.model.step = 12
+    tv_half = pipe.model.get_loss_dict(outputs, batch)["tv_loss"]
+    assert torch.allclose(tv_half, 0.05 * pipe.model.field.total_variation())
+    pipe.model.step = 14
+    assert "tv_loss" not in pipe.model.get_loss_dict(outputs, batch)  # fully decayed: no term at all
+    from gen_lifting.guards import FlagError
+
+    cfg.tv_decay_steps = 0
+    with pytest.raises(FlagError, match="tv-decay"):
+        pipe.config.__post_init__()
+
+
 def test_eval_uses_predicted_poses_and_reports_metrics(pipeline):
     metrics = pipeline.get_average_eval_image_metrics()
     for key in ("psnr", "ssim", "lpips", "rot_err_median_deg", "within_15deg"):
