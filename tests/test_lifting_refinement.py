@@ -390,7 +390,8 @@ def test_reselect_flag_is_checked():
 
 
 def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
-    """``ns-train gen-lifting-refine``: the thesis preset with the two refinement settings, nothing else changed."""
+    """``ns-train gen-lifting-refine``: the thesis preset with the two refinement settings and the TV prior's decay
+    from the refinement's start, nothing else changed."""
     import copy
     import dataclasses
 
@@ -399,7 +400,9 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     base, refine = specs.gen_lifting.config, copy.deepcopy(specs.gen_lifting_refine.config)
     assert refine.pipeline.model.pose_refinement_start_step == 2000 and refine.pipeline.test_time_refine_steps == 100
     assert refine.max_num_iterations == base.max_num_iterations == 4000  # refinement gets the second half
+    assert refine.pipeline.model.tv_decay_start_step == 2000 and refine.pipeline.model.tv_decay_steps == 1000
     refine.pipeline.model.pose_refinement_start_step, refine.pipeline.test_time_refine_steps = 0, 0
+    refine.pipeline.model.tv_decay_start_step = base.pipeline.model.tv_decay_start_step
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 
