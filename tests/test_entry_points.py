@@ -40,7 +40,7 @@ def test_unused_inherited_flags_are_hidden():
 def test_gen_lifting_cli_help_lists_commands():
     result = subprocess.run([str(BIN / "gen-lifting"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for sub in ("demo", "predict-pose", "sample", "orbit"):
+    for sub in ("demo", "predict-pose", "sample", "orbit", "pose-vs-noise"):
         assert sub in result.stdout
 
 

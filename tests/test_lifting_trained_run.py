@@ -100,3 +100,32 @@ def test_tools_read_the_predicted_poses_after_loading(trained):
     spiral_start, _ = dm.eval_dataloader.get_camera(image_idx=0)  # ns-render spiral
     torch.testing.assert_close(spiral_start.camera_to_worlds[0], test_pred[0])
     assert not torch.allclose(dm.dataset_camera_to_worlds("train"), train_pred, atol=1e-2)
+
+
+def test_pose_vs_noise_from_the_loaded_run(trained, tmp_path):
+    """``gen-lifting pose-vs-noise`` on the saved run: at t = eval_timestep its top-scoring errors are evaluate_poses'
+    numbers; the best of K is never worse than the top-scoring candidate; the run's eval_timestep is left as it was."""
+    import json
+
+    from gen_lifting.diagnostics import pose_errors_by_noise
+    from gen_lifting.scripts.cli import entrypoint
+
+    pipeline, config_path = trained
+    entrypoint(["pose-vs-noise", "--load-config", str(config_path), "--output-dir", str(tmp_path),
+                "--timesteps", "0", "5", "9"])
+    rows = json.loads((tmp_path / "pose_vs_noise.json").read_text())["rows"]
+    assert [r["t"] for r in rows] == [0, 5, 9] and (tmp_path / "pose_vs_noise.png").stat().st_size > 0
+    for r in rows:
+        for split in ("train", "test"):
+            assert r[f"{split}_best_of_k_rot_err_median_deg"] <= r[f"{split}_rot_err_median_deg"] + 1e-9
+            assert 0.0 <= r[f"{split}_top_is_best"] <= 1.0
+    assert rows[0]["alpha_bar"] > rows[1]["alpha_bar"] > rows[2]["alpha_bar"]
+    loaded = _load(config_path, test_mode="test")
+    eval_t = loaded.datamanager.config.eval_timestep
+    expected = loaded.evaluate_poses()
+    row = pose_errors_by_noise(loaded, [eval_t])[0]
+    assert loaded.datamanager.config.eval_timestep == eval_t
+    assert row["train_rot_err_median_deg"] == pytest.approx(expected["rot_err_median_deg"], abs=1e-6)
+    assert row["test_rot_err_median_deg"] == pytest.approx(expected["test_rot_err_median_deg"], abs=1e-6)
+    with pytest.raises(ValueError, match="timesteps must be in"):
+        pose_errors_by_noise(loaded, [10_000])

@@ -5,6 +5,7 @@
     gen-lifting sample --load-config RUN/config.yml --output-dir out/ --seed 0
     gen-lifting orbit --load-config RUN/config.yml --output-dir out/
     gen-lifting view --load-config RUN/config.yml            # nerfstudio's viewer on 127.0.0.1 (ns-viewer: 0.0.0.0)
+    gen-lifting pose-vs-noise --load-config RUN/config.yml --output-dir out/   # pose error against noise level t
 """
 
 from __future__ import annotations
@@ -110,6 +111,41 @@ class Orbit:
         if rows:
             save_png(torch.cat(rows, dim=0), self.output_dir / "orbit.png")
         print(f"wrote {len(frames)} frames to {self.output_dir}")
+
+
+@dataclass
+class PoseVsNoise:
+    """Diagnose pose discovery: the encoder's pose error on the run's training and held-out photos at several noise
+    levels t, for its top-scoring camera and for the best of its K candidates (gen_lifting/diagnostics.py). Reads the
+    dataset's true poses to score only. Writes pose_vs_noise.json and pose_vs_noise.png."""
+
+    load_config: Path
+    """config.yml of a trained gen-lifting run (not an oracle: it needs the pose encoder)."""
+    output_dir: Path = Path("outputs/pose_vs_noise")
+    """Where pose_vs_noise.json (one row per t) and pose_vs_noise.png are written."""
+    timesteps: tuple[int, ...] = (0, 10, 20, 30, 50, 70, 99)
+    """Noise levels to pose at (0 .. T-1 of the run's schedule; T = 100 in the presets, t = 99 is nearly pure noise).
+    A run trained on clean images (gen-lifting-ae) ignores t."""
+
+    def main(self) -> None:
+        from gen_lifting.diagnostics import plot_pose_errors_by_noise, pose_errors_by_noise
+        from gen_lifting.inference import InferenceError, load_pipeline
+
+        pipeline = load_pipeline(self.load_config, test_mode="test")
+        try:
+            rows = pose_errors_by_noise(pipeline, self.timesteps)
+        except ValueError as err:
+            raise InferenceError(str(err)) from None
+        _write_json({"config": str(self.load_config), "rows": rows}, self.output_dir / "pose_vs_noise.json")
+        tmp = self.output_dir / ".pose_vs_noise.tmp.png"
+        plot_pose_errors_by_noise(rows, tmp, title=f"{self.load_config.parent.name}: pose error vs noise level")
+        os.replace(tmp, self.output_dir / "pose_vs_noise.png")
+        print(f"{'t':>4} {'alpha_bar':>9}  {'train top / best-of-K (deg)':>28}  {'held-out top / best-of-K (deg)':>31}")
+        for r in rows:
+            print(f"{r['t']:>4} {r['alpha_bar']:>9.4f}  {r['train_rot_err_median_deg']:>13.1f} / "
+                  f"{r['train_best_of_k_rot_err_median_deg']:<12.1f}  {r['test_rot_err_median_deg']:>15.1f} / "
+                  f"{r['test_best_of_k_rot_err_median_deg']:<13.1f}")
+        print(f"wrote {self.output_dir / 'pose_vs_noise.json'} and {self.output_dir / 'pose_vs_noise.png'}")
 
 
 @dataclass
@@ -225,6 +261,7 @@ Commands = Union[
     Annotated[Sample, tyro.conf.subcommand("sample")],
     Annotated[Orbit, tyro.conf.subcommand("orbit")],
     Annotated[View, tyro.conf.subcommand("view")],
+    Annotated[PoseVsNoise, tyro.conf.subcommand("pose-vs-noise")],
 ]
 
 
