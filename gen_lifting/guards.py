@@ -81,8 +81,9 @@ def check_flags(config: "GenLiftingPipelineConfig") -> None:
         raise FlagError("--pipeline.model.refinement-distill-mult needs pose refinement: set "
                         "--pipeline.model.pose-refinement-start-step (e.g. 2000, as gen-lifting-refine does)")
     if model.tv_decay_start_step < 0 or model.tv_decay_steps < 1:
-        raise FlagError(f"--pipeline.model.tv-decay-start-step must be >= 0 (0 = off) and --pipeline.model.tv-decay-steps"
-                        f" >= 1, got {model.tv_decay_start_step} and {model.tv_decay_steps}")
+        raise FlagError(f"--pipeline.model.tv-decay-start-step must be >= 0 (0 = off) and "
+                        f"--pipeline.model.tv-decay-steps >= 1, got {model.tv_decay_start_step} and "
+                        f"{model.tv_decay_steps}")
     if not 0 <= dm.eval_timestep < num_timesteps:
         raise FlagError(f"--pipeline.datamanager.eval-timestep must be in [0, {num_timesteps - 1}] "
                         f"(the schedule's T = {num_timesteps}), got {dm.eval_timestep}")

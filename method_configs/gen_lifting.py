@@ -105,7 +105,7 @@ def make_config(
 
 
 TV_DECAY = dict(tv_decay_start_step=2000, tv_decay_steps=1000)
-"""Ours: the TV prior (``tv_loss_mult`` 0.1) falls linearly to 0 over steps 2000-3000 (gen-lifting-refine, the oracle)."""
+"""Ours: the TV prior (``tv_loss_mult`` 0.1) falls linearly to 0 over steps 2000-3000 (gen-lifting-refine, oracle)."""
 
 gen_lifting = MethodSpecification(
     config=make_config("gen-lifting"),
@@ -115,14 +115,14 @@ gen_lifting = MethodSpecification(
 gen_lifting_refine = MethodSpecification(
     # Ours, beyond the thesis (gen_lifting/refinement.py): the gen-lifting preset, then from step 2000 of its 4000 the
     # training photos' encoder poses refined with nerfstudio's CameraOptimizer, and 100 iNeRF-like steps per held-out
-    # photo at evaluation. lego, 4000 steps, 3 seeds: refined median 2.4 / 1.2 / 2.5 deg (train), 2.4 / 1.5 / 2.9
-    # (held-out), held-out PSNR 19.96 / 20.14 / 19.76 dB vs 20.33 for the true-pose oracle (docs/lifting.md).
-    # From the refinement's start the TV prior decays to 0 over 1000 steps (ours): lego, 3 seeds, refined held-out PSNR
-    # 19.96 / 20.14 / 19.76 -> 23.43 / 23.93 / 22.85 dB, poses about the same (docs/lifting.md, "Decaying the TV prior").
+    # photo at evaluation; from the refinement's start the TV prior decays to 0 over 1000 steps. lego, 4000 steps,
+    # 3 seeds: refined median 2.3 / 1.0 / 2.8 deg (train), 2.3 / 0.8 / 3.0 (held-out), held-out PSNR 23.43 / 23.93 /
+    # 22.85 dB vs 24.88 for the true-pose oracle (with the constant prior: 19.96 / 20.14 / 19.76 dB, poses about the
+    # same; docs/lifting.md, "Decaying the TV prior").
     config=make_config("gen-lifting-refine", model=cpu_model(pose_refinement_start_step=2000, **TV_DECAY),
                        test_time_refine_steps=100),
-    description="gen-lifting, then (ours) pose refinement from step 2000 with nerfstudio's CameraOptimizer and "
-                "iNeRF-like refinement of held-out poses.",
+    description="gen-lifting, then (ours) pose refinement from step 2000 with nerfstudio's CameraOptimizer, the TV "
+                "prior decayed to 0 by step 3000, and iNeRF-like refinement of held-out poses.",
 )
 
 gen_lifting_ae = MethodSpecification(
