@@ -138,7 +138,8 @@ class PoseVsNoise:
             raise InferenceError(str(err)) from None
         _write_json({"config": str(self.load_config), "rows": rows}, self.output_dir / "pose_vs_noise.json")
         tmp = self.output_dir / ".pose_vs_noise.tmp.png"
-        plot_pose_errors_by_noise(rows, tmp, title=f"{self.load_config.parent.name}: pose error vs noise level")
+        run = self.load_config.resolve().parent  # ns-train's OUTPUT/EXPERIMENT/METHOD/TIMESTAMP/config.yml
+        plot_pose_errors_by_noise(rows, tmp, title=f"{run.parent.parent.name} / {run.parent.name}: pose error vs t")
         os.replace(tmp, self.output_dir / "pose_vs_noise.png")
         print(f"{'t':>4} {'alpha_bar':>9}  {'train top / best-of-K (deg)':>28}  {'held-out top / best-of-K (deg)':>31}")
         for r in rows:
