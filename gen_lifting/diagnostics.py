@@ -53,7 +53,7 @@ def pose_errors_by_noise(pipeline, timesteps: Sequence[int], threshold_deg: floa
     bad = [t for t in timesteps if not 0 <= int(t) < num_timesteps]
     if bad:
         raise ValueError(f"timesteps must be in [0, {num_timesteps - 1}] (the run's schedule), got {bad}")
-    mode = "rotation" if pipeline.model.pose_encoder.config.mode == "candidates" else "orientation"
+    mode = pipeline.pose_alignment_mode
     gt = {"train": dm.dataset_camera_to_worlds("train").double()[:, :3, :4],
           "test": dm.dataset_camera_to_worlds("eval").double()[:, :3, :4]}
     images = {"train": dm.train_images, "test": dm.eval_images}

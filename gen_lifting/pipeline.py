@@ -115,6 +115,12 @@ class GenLiftingPipeline(VanillaPipeline):
         """gen-lifting-oracle: the dataset's poses are the cameras (training and evaluation)."""
         return self.datamanager.config.use_dataset_poses
 
+    @property
+    def pose_alignment_mode(self) -> str:
+        """How predicted cameras are aligned to the dataset's for scoring (``alignment.fit_camera_alignment``): 360
+        scenes, a rotation about the object; forward-facing, a fit on orientations (their centres are coplanar)."""
+        return "rotation" if self.model.pose_encoder.config.mode == "candidates" else "orientation"
+
     def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
         """Load a checkpoint (ns-eval, ns-render, ns-viewer, our CLI), then show the loaded model's poses."""
         from gen_lifting.compat import ffmpeg_on_path
@@ -293,8 +299,7 @@ class GenLiftingPipeline(VanillaPipeline):
         poses = self.show_predicted_poses()
         dm = self.datamanager
         pred, gt = poses["train"].double(), dm.dataset_camera_to_worlds("train").double()
-        # 360 scenes: rotation about the object; forward-facing: fit on orientations (coplanar centres)
-        mode = "rotation" if self.model.pose_encoder.config.mode == "candidates" else "orientation"
+        mode = self.pose_alignment_mode
         alignment = fit_camera_alignment(pred, gt, mode)  # fitted once: scores these views, then the held-out ones
         errors = pose_errors(pred, gt, alignment=alignment)
         held_out = pose_errors(poses[dm.test_split], dm.dataset_camera_to_worlds("eval"), alignment=alignment)

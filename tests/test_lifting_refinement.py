@@ -404,4 +404,3 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     refine.pipeline.model.pose_refinement_start_step, refine.pipeline.test_time_refine_steps = 0, 0
     refine.pipeline.model.tv_decay_start_step = base.pipeline.model.tv_decay_start_step
     assert dataclasses.replace(refine, method_name=base.method_name) == base
-
