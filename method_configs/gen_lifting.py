@@ -23,6 +23,7 @@ from gen_lifting.llff_dataparser import LLFFDataParserConfig
 from gen_lifting.model import GenLiftingModelConfig
 from gen_lifting.pipeline import GenLiftingPipelineConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig, paper_trunk
+from gen_lifting.schedulers import FloatExponentialDecaySchedulerConfig
 from gen_lifting.trainer import GenLiftingTrainerConfig
 
 # Importing this module (nerfstudio does, for every ns-* command once the package is installed) changes nothing
@@ -90,11 +91,15 @@ def make_config(
         pipeline=GenLiftingPipelineConfig(datamanager=dm, model=mdl, test_time_refine_steps=test_time_refine_steps),
         # camera_opt: the optional pose refinement's CameraOptimizer (gen_lifting/refinement.py). Listed always so that
         # --optimizers.camera-opt.* exists; nerfstudio builds optimisers only for the model's param groups, so while
-        # the refinement is off (the default) it creates nothing. Constant lr 3e-3, no decay (a schedule's clock would
-        # start at step 0, not where the refinement starts; and nerfstudio's exponential decay keeps numpy floats in
-        # its state, which a weights_only checkpoint load refuses); nerfacto's 1e-3 moved the corrections about half as
-        # fast when refinement was switched on in a resumed 3000-step lego run.
-        optimizers={"fields": _adam(field_lr), "pose_encoder": _adam(encoder_lr), "camera_opt": _adam(3e-3)},
+        # the refinement is off (the default) it creates nothing. lr 3e-3 (nerfacto's 1e-3 moved the corrections about
+        # half as fast when refinement was switched on in a resumed 3000-step lego run), constant: nerfstudio's
+        # exponential decay (its multiplier cast to float, gen_lifting/schedulers.py) with lr_final = None is a
+        # multiplier of 1, listed so that a decay can be set (--optimizers.camera-opt.scheduler.lr-final /
+        # .warmup-steps; during warmup_steps, with lr_pre_warmup = lr, the rate stays 3e-3: the scheduler's clock
+        # starts at step 0, not where the refinement starts).
+        optimizers={"fields": _adam(field_lr), "pose_encoder": _adam(encoder_lr),
+                    "camera_opt": {**_adam(3e-3), "scheduler": FloatExponentialDecaySchedulerConfig(
+                        lr_pre_warmup=3e-3, lr_final=None, max_steps=max_iters)}},
         viewer=ViewerConfig(websocket_host="127.0.0.1", quit_on_train_completion=True, num_rays_per_chunk=4096),
         vis="viewer",
     )

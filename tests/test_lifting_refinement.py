@@ -404,3 +404,33 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     refine.pipeline.model.pose_refinement_start_step, refine.pipeline.test_time_refine_steps = 0, 0
     refine.pipeline.model.tv_decay_start_step = base.pipeline.model.tv_decay_start_step
     assert dataclasses.replace(refine, method_name=base.method_name) == base
+
+
+def test_camera_opt_rate_is_constant_by_default_can_decay_and_its_state_loads_weights_only(tmp_path):
+    """The presets' camera_opt group carries nerfstudio's exponential decay with ``lr_final = None`` (a constant
+    3e-3); ``--optimizers.camera-opt.scheduler.lr-final`` / ``.warmup-steps`` make it decay once refinement runs. Its
+    state must load with ``weights_only=True`` (nerfstudio's own class keeps numpy floats there)."""
+    import copy
+
+    import method_configs.gen_lifting as specs
+
+    cfg = copy.deepcopy(specs.gen_lifting_refine.config.optimizers["camera_opt"])
+    param = torch.nn.Parameter(torch.zeros(1))
+
+    def rates(scheduler_config, steps):
+        optimizer = cfg["optimizer"].setup(params=[param])
+        scheduler = scheduler_config.setup().get_scheduler(optimizer=optimizer, lr_init=cfg["optimizer"].lr)
+        out = []
+        for step in range(max(steps) + 1):
+            if step in steps:
+                out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        torch.save({"scheduler": scheduler.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "s.pt")
+        torch.load(tmp_path / "s.pt", weights_only=True)  # raises on numpy scalars
+        return out
+
+    steps = [0, 1000, 2000, 3000, 4000]
+    assert rates(cfg["scheduler"], steps) == pytest.approx([3e-3] * 5)
+    cfg["scheduler"].lr_final, cfg["scheduler"].warmup_steps = 3e-4, 2000
+    assert rates(cfg["scheduler"], steps) == pytest.approx([3e-3, 3e-3, 3e-3, math.sqrt(3e-3 * 3e-4), 3e-4])
