@@ -61,6 +61,15 @@ REFINED_KEYS = ("psnr_refined", "ssim_refined", "lpips_refined", "refined_rot_er
 (``*_refined`` image metrics and ``test_refined_*``, held-out views); the unprefixed keys stay the encoder's."""
 
 
+ROBUST_KEYS = tuple(f"robust_{key}" for key in (
+    "inlier_share", "rot_err_median_deg", "within_15deg", "test_rot_err_median_deg", "test_within_15deg",
+    "refined_inlier_share", "refined_rot_err_median_deg", "refined_within_15deg", "test_refined_rot_err_median_deg",
+    "test_refined_within_15deg"))
+"""The same pose errors under the inlier refit of the alignment (``GenLiftingPipeline.evaluate_poses``, views within
+15 deg of the least-squares fit, fitted on training views only): a few flipped views no longer tilt every view's
+score. The unprefixed keys keep the least-squares alignment."""
+
+
 def refined_key(key: str) -> str:
     """The REFINED_KEYS name of a metric read from the refined poses (psnr -> psnr_refined, rot_err_median_deg ->
     refined_rot_err_median_deg, test_within_15deg -> test_refined_within_15deg)."""
@@ -239,7 +248,7 @@ def evaluate(method: str, trainer, eval_images: int, scene: Path) -> Dict[str, f
     keep = ("psnr", "ssim", "lpips", "rot_err_median_deg", "rot_err_mean_deg", "within_15deg",
             "center_angle_err_median_deg", "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg",
             # optional pose refinement (gen_lifting/refinement.py): present only when it is on
-            *REFINED_KEYS)
+            *REFINED_KEYS, *ROBUST_KEYS)
     result = {k: float(raw[k]) for k in keep if k in raw}
     if method == "nerfacto-camopt-no-poses":
         result.update(camera_optimizer_pose_errors(pipe, scene))
@@ -340,8 +349,9 @@ def registered_pose_metrics(
     """Pose errors of a method that poses only some views: the registered views (rows of ``pred_c2w``, in view
     order) are aligned to their true cameras (``alignment.pose_errors``, ``mode``) and scored; ``within_15deg`` is
     the share of ALL views within ``threshold_deg`` (an unregistered view is a miss), ``within_15deg_registered``
-    the share of the registered ones. Fewer than 3 registered views cannot be aligned: errors are None."""
-    from gen_lifting.alignment import pose_errors
+    the share of the registered ones. Fewer than 3 registered views cannot be aligned: errors are None.
+    ``robust_*``: the same under the inlier refit of the alignment (as gen-lifting's ROBUST_KEYS)."""
+    from gen_lifting.alignment import fit_camera_alignment_inliers, pose_errors
 
     num_views, num_reg = int(registered.numel()), int(registered.sum())
     if pred_c2w.shape[0] != num_reg or gt_c2w.shape[0] != num_views:
@@ -357,6 +367,11 @@ def registered_pose_metrics(
     result.update({k: errors[k] for k in ("rot_err_median_deg", "rot_err_mean_deg", "center_dist_median")})
     result[key + "_registered"] = errors[key]
     result[key] = errors[key] * num_reg / num_views
+    # the inlier refit gen-lifting's robust_* keys use (ROBUST_KEYS), for a like-for-like comparison
+    alignment, inliers = fit_camera_alignment_inliers(pred_c2w, gt_c2w[registered], mode, inlier_deg=threshold_deg)
+    robust = pose_errors(pred_c2w, gt_c2w[registered], threshold_deg=threshold_deg, alignment=alignment)
+    result.update(robust_rot_err_median_deg=robust["rot_err_median_deg"], robust_within_15deg=robust[key] * num_reg
+                  / num_views, robust_inlier_share=inliers.double().mean().item())
     return result
 
 
@@ -441,6 +456,10 @@ def print_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
                 print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
             if any(key in m for key in REFINED_KEYS):  # the same columns from the refined poses
                 print(f"{'':6s} {'  refined poses':26s} {cells(m, refined_key)}")
+            for label, key_of in (("  robust alignment", lambda k: f"robust_{k}"),
+                                  ("  refined, robust", lambda k: f"robust_{refined_key(k)}")):
+                if m.get(key_of("rot_err_median_deg")) is not None:  # pose columns only (no image metrics)
+                    print(f"{'':6s} {label:26s} {cells({k: m.get(key_of(k)) for k in columns[3:]})}")
 
 
 def main() -> None:

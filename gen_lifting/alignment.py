@@ -13,7 +13,7 @@ from typing import Dict, Literal, Optional, Tuple
 
 import roma
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 AlignMode = Literal["similarity", "rotation", "orientation"]
@@ -75,6 +75,34 @@ def fit_camera_alignment(
     if mode == "orientation":
         return fit_orientation_alignment(pred, gt)
     return fit_alignment(pred[:, :, 3], gt[:, :, 3], mode)
+
+
+def fit_camera_alignment_inliers(
+    pred_c2w: Float[Tensor, "num_cams rows 4"],
+    gt_c2w: Float[Tensor, "num_cams rows 4"],
+    mode: AlignMode = "similarity",
+    inlier_deg: float = 15.0,
+    max_rounds: int = 10,
+) -> Tuple[Alignment, Bool[Tensor, "num_cams"]]:
+    """``fit_camera_alignment`` refitted on its inliers: the views whose aligned rotation error is within
+    ``inlier_deg``, until that set stops changing (at most ``max_rounds`` refits; kept at the previous set when fewer
+    than 3 views would remain). Returns the alignment and the inlier mask.
+
+    Why: the least-squares fit weighs every view alike, so a few flipped cameras (a pose-free model's typical failure)
+    tilt it and every good view inherits the tilt; on lego's true cameras with 1 deg of noise, 6 views of 100 turned
+    by 106 deg raise the median error from 0.9 to 2.2 deg. This is the usual inlier refit of SfM evaluations (as
+    RANSAC would end); it is fitted on the views it is given only, so held-out views still judge it."""
+    pred, gt = pred_c2w[:, :3, :4], gt_c2w[:, :3, :4]
+    inliers = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
+    alignment = fit_camera_alignment(pred, gt, mode)
+    for _ in range(max_rounds):
+        aligned = apply_alignment(pred, alignment)
+        within = torch.rad2deg(roma.rotmat_geodesic_distance(aligned[:, :, :3], gt[:, :, :3])) <= inlier_deg
+        if int(within.sum()) < 3 or torch.equal(within, inliers):
+            break
+        inliers = within
+        alignment = fit_camera_alignment(pred[inliers], gt[inliers], mode)
+    return alignment, inliers
 
 
 def apply_alignment(pred_c2w: Float[Tensor, "num_cams rows 4"], alignment: Alignment) -> Float[Tensor, "num_cams 3 4"]:

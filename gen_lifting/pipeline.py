@@ -291,29 +291,47 @@ class GenLiftingPipeline(VanillaPipeline):
         training photos' refined cameras (alignment fitted on them); ``test_refined_*``, ``refined_held_out`` (the
         held-out photos' test-time refined poses, from ``refine_held_out_poses``) under the alignment fitted on the
         cameras the field was trained with (refined ones once training-time refinement has started).
+        ``robust_*``: every key above again under the inlier refit of its alignment (``fit_camera_alignment_inliers``,
+        views within 15 deg, fitted on the same training views), with ``robust_inlier_share`` /
+        ``robust_refined_inlier_share`` the share of training views it kept.
         """
-        from gen_lifting.alignment import fit_camera_alignment, pose_errors
+        from gen_lifting.alignment import Alignment, fit_camera_alignment, fit_camera_alignment_inliers, pose_errors
 
         if self.uses_dataset_poses:
             return {}
         poses = self.show_predicted_poses()
         dm = self.datamanager
         pred, gt = poses["train"].double(), dm.dataset_camera_to_worlds("train").double()
-        mode = self.pose_alignment_mode
-        alignment = fit_camera_alignment(pred, gt, mode)  # fitted once: scores these views, then the held-out ones
-        errors = pose_errors(pred, gt, alignment=alignment)
-        held_out = pose_errors(poses[dm.test_split], dm.dataset_camera_to_worlds("eval"), alignment=alignment)
-        errors.update({f"test_{key}": value for key, value in held_out.items()})
-        field_alignment = alignment  # the frame of the cameras the field is trained with
+        gt_held_out = dm.dataset_camera_to_worlds("eval")
+        refined = None
         if self.model.refining:
             assert self.model.pose_refinement is not None
             refined = self.model.pose_refinement.c2w().detach().double()
-            field_alignment = fit_camera_alignment(refined, gt, mode)
-            refined_errors = pose_errors(refined, gt, alignment=field_alignment)
-            errors.update({f"refined_{key}": value for key, value in refined_errors.items()})
-        if refined_held_out is not None:
-            held_out = pose_errors(refined_held_out, dm.dataset_camera_to_worlds("eval"), alignment=field_alignment)
-            errors.update({f"test_refined_{key}": value for key, value in held_out.items()})
+        mode = self.pose_alignment_mode
+        errors: Dict[str, float] = {}
+
+        def add(prefix: str, scores: Dict[str, float]) -> None:
+            errors.update({prefix + key: value for key, value in scores.items()})
+
+        def fit(cameras: Tensor, tag: str, name: str) -> Alignment:
+            if not tag:
+                return fit_camera_alignment(cameras, gt, mode)
+            alignment, inliers = fit_camera_alignment_inliers(cameras, gt, mode)
+            errors[f"{tag}{name}inlier_share"] = inliers.double().mean().item()
+            return alignment
+
+        # unprefixed: the least-squares alignment; robust_*: the same keys under its inlier refit (views within 15 deg,
+        # alignment.fit_camera_alignment_inliers), so that a few flipped views do not tilt every other view's score
+        for tag in ("", "robust_"):
+            alignment = fit(pred, tag, "")  # fitted once: scores these views, then the held-out ones
+            add(tag, pose_errors(pred, gt, alignment=alignment))
+            add(f"{tag}test_", pose_errors(poses[dm.test_split], gt_held_out, alignment=alignment))
+            field_alignment = alignment  # the frame of the cameras the field is trained with
+            if refined is not None:
+                field_alignment = fit(refined, tag, "refined_")
+                add(f"{tag}refined_", pose_errors(refined, gt, alignment=field_alignment))
+            if refined_held_out is not None:
+                add(f"{tag}test_refined_", pose_errors(refined_held_out, gt_held_out, alignment=field_alignment))
         return {key: float(value) for key, value in errors.items()}
 
     @profiler.time_function

@@ -129,3 +129,38 @@ def test_held_out_views_use_the_alignment_fitted_on_training_views():
     held_out = pose_errors(wrong, gt[test], alignment=alignment)
     assert held_out["rot_err_median_deg"] == pytest.approx(math.degrees(0.5), abs=1e-6)
     assert pose_errors(wrong, gt[test], mode="rotation")["rot_err_median_deg"] < 1e-6  # refitting would hide it
+
+
+@pytest.mark.parametrize("mode", ["rotation", "similarity"])
+def test_inlier_refit_removes_the_tilt_a_few_flipped_views_give_the_least_squares_fit(mode):
+    """100 cameras, each 1 deg off, in another frame; 6 of them turned by ~110 deg (flipped). The least-squares fit
+    is tilted by them (every good view's error rises well above 1 deg); the inlier refit keeps exactly the 94 good
+    views and scores them near 1 deg. Without outliers the refit keeps every view and equals the plain fit."""
+    from gen_lifting.alignment import fit_camera_alignment, fit_camera_alignment_inliers
+
+    gt = _gt_cameras(100)
+    g = torch.Generator().manual_seed(1)
+    noise = roma.rotvec_to_rotmat(torch.nn.functional.normalize(torch.randn(100, 3, generator=g, dtype=torch.float64),
+                                                                dim=1) * math.radians(1.0))
+    flipped = torch.zeros(100, dtype=torch.bool)
+    flipped[torch.randperm(100, generator=g)[:6]] = True
+    noise[flipped] = roma.rotvec_to_rotmat(torch.nn.functional.normalize(
+        torch.randn(6, 3, generator=g, dtype=torch.float64), dim=1) * math.radians(110.0))
+    pred = gt.clone()
+    pred[:, :3, :3] = noise @ gt[:, :3, :3]
+    pred[:, :3, 3] = (noise @ gt[:, :3, 3:])[..., 0]  # the camera moves with its turn (an orbit camera's error)
+    frame = roma.rotvec_to_rotmat(torch.tensor([0.3, -0.5, 0.2], dtype=torch.float64))
+    pred = _to_other_frame(pred, frame, torch.zeros(3, dtype=torch.float64), 1.0)
+
+    plain = pose_errors(pred[~flipped], gt[~flipped], alignment=fit_camera_alignment(pred, gt, mode))
+    alignment, inliers = fit_camera_alignment_inliers(pred, gt, mode)
+    robust = pose_errors(pred[~flipped], gt[~flipped], alignment=alignment)
+    assert torch.equal(inliers, ~flipped)
+    assert plain["rot_err_median_deg"] > 1.8  # the tilt
+    assert robust["rot_err_median_deg"] == pytest.approx(1.0, abs=0.1)
+
+    clean = pred.clone()
+    clean[flipped] = _to_other_frame(gt[flipped], frame, torch.zeros(3, dtype=torch.float64), 1.0)
+    alignment, inliers = fit_camera_alignment_inliers(clean, gt, mode)
+    assert bool(inliers.all())
+    assert all(torch.allclose(a, b) for a, b in zip(alignment, fit_camera_alignment(clean, gt, mode)))

@@ -132,8 +132,9 @@ def test_evaluation_renders_from_the_predicted_poses(tmp_path, tiny_lego):
 
 
 def test_pose_errors_for_training_and_held_out_views(pipeline):
-    """Held-out views are scored with the alignment fitted on the training views (``test_*`` keys)."""
-    from gen_lifting.alignment import fit_camera_alignment, pose_errors
+    """Held-out views are scored with the alignment fitted on the training views (``test_*`` keys), under the
+    least-squares fit and (``robust_*``) its inlier refit."""
+    from gen_lifting.alignment import fit_camera_alignment, fit_camera_alignment_inliers, pose_errors
 
     errors = pipeline.evaluate_poses()
     dm = pipeline.datamanager
@@ -147,6 +148,13 @@ def test_pose_errors_for_training_and_held_out_views(pipeline):
     assert errors["test_rot_err_mean_deg"] != pytest.approx(refitted["rot_err_mean_deg"])
     train = pose_errors(pred_train, gt_train, "rotation")
     assert errors["rot_err_median_deg"] == pytest.approx(train["rot_err_median_deg"])
+    # robust_*: the same under the inlier refit, fitted on the training views only
+    robust, inliers = fit_camera_alignment_inliers(pred_train.double(), gt_train.double(), "rotation")
+    assert errors["robust_inlier_share"] == pytest.approx(inliers.double().mean().item())
+    held_out = pose_errors(pred_test, gt_test, alignment=robust)
+    assert errors["robust_test_rot_err_median_deg"] == pytest.approx(held_out["rot_err_median_deg"])
+    assert errors["robust_rot_err_median_deg"] == pytest.approx(
+        pose_errors(pred_train, gt_train, alignment=robust)["rot_err_median_deg"])
 
 
 def test_eval_batches_do_not_shift_the_training_batches(tiny_lego):

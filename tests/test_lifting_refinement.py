@@ -287,7 +287,8 @@ def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_le
     assert pipe.model.pose_refinement.camera_optimizer.pose_adjustment.abs().sum() > 0  # corrections trained
     in_memory = pipe.get_average_eval_image_metrics()
     for key in ("psnr", "psnr_refined", "rot_err_median_deg", "refined_rot_err_median_deg",
-                "refined_within_15deg", "test_rot_err_median_deg", "test_refined_rot_err_median_deg"):
+                "refined_within_15deg", "test_rot_err_median_deg", "test_refined_rot_err_median_deg",
+                "robust_refined_rot_err_median_deg", "robust_test_refined_rot_err_median_deg"):
         assert key in in_memory, key
     loaded = load_pipeline(config.get_base_dir() / "config.yml", test_mode="val")
     assert loaded.config.test_time_refine_steps == 3
