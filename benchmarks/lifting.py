@@ -370,8 +370,8 @@ def registered_pose_metrics(
     # the inlier refit gen-lifting's robust_* keys use (ROBUST_KEYS), for a like-for-like comparison
     alignment, inliers = fit_camera_alignment_inliers(pred_c2w, gt_c2w[registered], mode, inlier_deg=threshold_deg)
     robust = pose_errors(pred_c2w, gt_c2w[registered], threshold_deg=threshold_deg, alignment=alignment)
-    result.update(robust_rot_err_median_deg=robust["rot_err_median_deg"], robust_within_15deg=robust[key] * num_reg
-                  / num_views, robust_inlier_share=inliers.double().mean().item())
+    result.update({"robust_rot_err_median_deg": robust["rot_err_median_deg"], f"robust_{key}": robust[key] * num_reg
+                   / num_views, "robust_inlier_share": inliers.double().mean().item()})
     return result
 
 
