@@ -59,6 +59,10 @@ REFINED_KEYS = ("psnr_refined", "ssim_refined", "lpips_refined", "refined_rot_er
                 "test_refined_within_15deg")
 """Metrics of gen-lifting's optional pose refinement: training-time (``refined_*``, training views) and test-time
 (``*_refined`` image metrics and ``test_refined_*``, held-out views); the unprefixed keys stay the encoder's."""
+CENTRE_KEYS = ("center_angle_err_median_deg", "center_dist_median", "refined_center_angle_err_median_deg",
+               "refined_center_dist_median")
+"""Training cameras' centre errors (angle seen from the scene centre, distance in the dataset's units), encoder and
+refined: they tell an orientation error at the right place from a camera in the wrong place."""
 
 
 ROBUST_KEYS = tuple(f"robust_{key}" for key in (
@@ -246,7 +250,7 @@ def evaluate(method: str, trainer, eval_images: int, scene: Path) -> Dict[str, f
         input_dataset=dm.eval_dataset, image_indices=tuple(range(0, step * n, step)), device=dm.device)
     raw = pipe.get_average_eval_image_metrics()
     keep = ("psnr", "ssim", "lpips", "rot_err_median_deg", "rot_err_mean_deg", "within_15deg",
-            "center_angle_err_median_deg", "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg",
+            *CENTRE_KEYS, "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg",
             # optional pose refinement (gen_lifting/refinement.py): present only when it is on
             *REFINED_KEYS, *ROBUST_KEYS)
     result = {k: float(raw[k]) for k in keep if k in raw}

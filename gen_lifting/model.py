@@ -82,6 +82,11 @@ class GenLiftingModelConfig(ModelConfig):
     best candidate of the current step when that candidate renders the photo's score pixels with less than this
     fraction of the refined camera's error (e.g. 0.5). The refined camera becomes one more candidate of the method's
     min over K, so a photo whose snapshot was grossly wrong is not stuck with it while the encoder improves."""
+    pose_refinement_translation: bool = True
+    """Pose refinement (training and test-time): with False each correction is a rotation about the world origin
+    only, its translation held at zero, so a camera keeps its distance to the scene centre and, like the 360
+    candidates (gen_lifting/cameras.py), keeps looking at the origin; it can still orbit and roll. For 360 scenes;
+    forward-facing cameras need the translation."""
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="SO3xR3"))
     """nerfstudio's per-image pose correction used by the pose refinement (only built when it is on; its optimiser
     is the ``camera_opt`` group of ``--optimizers``)."""
@@ -171,7 +176,8 @@ class GenLiftingModel(Model):
         # param groups and the loss of the thesis method are untouched.
         self.pose_refinement: Optional[PoseRefinement] = None
         if self.config.pose_refinement_start_step > 0:
-            self.pose_refinement = PoseRefinement(self.num_train_data, self.config.camera_optimizer)
+            self.pose_refinement = PoseRefinement(self.num_train_data, self.config.camera_optimizer,
+                                                  translation=self.config.pose_refinement_translation)
 
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes

@@ -276,7 +276,8 @@ class GenLiftingPipeline(VanillaPipeline):
         start = self.predict_all_c2w(dm.eval_images)
         refined = refine_poses(self.model.render_pixels, start, dm.eval_images, self.config.test_time_refine_steps,
                                self.config.test_time_refine_pixels, self.config.test_time_refine_lr,
-                               seed=self.config.eval_pose_seed)
+                               seed=self.config.eval_pose_seed,
+                               translation=self.model.config.pose_refinement_translation)
         if was_training:
             self.train()
         return refined

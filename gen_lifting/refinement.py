@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 
 def apply_correction(
-    c2w: Float[Tensor, "num 3 4"], correction: Float[Tensor, "num 3 4"]
+    c2w: Float[Tensor, "num 3 4"], correction: Float[Tensor, "num 3 4"], translation: bool = True
 ) -> Float[Tensor, "num 3 4"]:
     """``correction o c2w`` (nerfstudio's ``pose_utils.multiply``): the correction is a rigid motion of the camera in
     world coordinates, its rotation about the world origin, i.e. the object's centre in a 360 scene.
@@ -48,7 +48,12 @@ def apply_correction(
     Not the convention of ``CameraOptimizer.apply_to_camera`` (rotation about the camera's own centre): the encoder's
     cameras look at the origin, so its errors are mostly an orbit about the object, which is one rotation here but
     a rotation and a matching translation there, a narrow valley that Adam crosses slowly (measured on the toy of
-    tests/test_lifting_refinement.py: 6 deg of orbit error were still 5.9 / 5.2 deg after 60 steps that way)."""
+    tests/test_lifting_refinement.py: 6 deg of orbit error were still 5.9 / 5.2 deg after 60 steps that way).
+
+    ``translation=False`` drops the correction's translation (``--pipeline.model.pose-refinement-translation``):
+    the camera only turns about the origin."""
+    if not translation:
+        correction = torch.cat([correction[..., :3], torch.zeros_like(correction[..., 3:])], dim=-1)
     return pose_utils.multiply(correction, c2w)
 
 
@@ -68,8 +73,11 @@ def frozen_parameters(params: Iterable[nn.Parameter]) -> Iterator[None]:
 class PoseRefinement(nn.Module):
     """Per-training-image pose: the encoder's snapshot composed with a CameraOptimizer correction."""
 
-    def __init__(self, num_images: int, camera_optimizer: CameraOptimizerConfig, device="cpu") -> None:
+    def __init__(
+        self, num_images: int, camera_optimizer: CameraOptimizerConfig, device="cpu", translation: bool = True
+    ) -> None:
         super().__init__()
+        self.translation = translation  # False: corrections turn cameras about the origin only (apply_correction)
         if camera_optimizer.mode == "off":
             raise ValueError("pose refinement needs a camera optimizer mode ('SO3xR3' or 'SE3'), got 'off'")
         self.camera_optimizer: CameraOptimizer = camera_optimizer.setup(num_cameras=num_images, device=device)
@@ -93,7 +101,8 @@ class PoseRefinement(nn.Module):
         """Make the refined camera of these images ``c2w`` (their corrections, and the optimiser's state for them, are
         kept: the snapshot becomes correction^-1 o c2w)."""
         indices = indices.to(self.snapshot_c2w.device)
-        correction = self.camera_optimizer(indices).detach()
+        correction = apply_correction(torch.eye(3, 4).to(self.snapshot_c2w).expand(len(indices), 3, 4),
+                                      self.camera_optimizer(indices).detach(), self.translation)
         self.snapshot_c2w[indices] = pose_utils.multiply(pose_utils.inverse(correction), c2w.to(self.snapshot_c2w))
 
     def c2w(self, indices: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch 3 4"]:
@@ -101,7 +110,7 @@ class PoseRefinement(nn.Module):
         if indices is None:
             indices = torch.arange(self.snapshot_c2w.shape[0], device=self.snapshot_c2w.device)
         indices = indices.to(self.snapshot_c2w.device)
-        return apply_correction(self.snapshot_c2w[indices], self.camera_optimizer(indices))
+        return apply_correction(self.snapshot_c2w[indices], self.camera_optimizer(indices), self.translation)
 
 
 def refine_poses(
@@ -113,6 +122,7 @@ def refine_poses(
     lr: float,
     seed: int = 0,
     chunk: int = 32,
+    translation: bool = True,
 ) -> Float[Tensor, "num 3 4"]:
     """iNeRF-style test-time refinement: ``steps`` Adam steps (lr decaying from ``lr`` to ``lr / 10``) of an SO3xR3
     correction per view against a frozen
@@ -121,6 +131,7 @@ def refine_poses(
     Each view's loss is its own mean squared error (summed over the chunk, so a view's steps do not depend on what
     it is batched with); random pixels per step from a generator seeded by ``seed`` and the chunk's first view.
     Only the corrections get gradients (``torch.autograd.grad``): nothing accumulates in the field's ``.grad``.
+    ``translation=False``: rotations about the origin only (``apply_correction``).
     """
     if steps <= 0:
         return start_c2w
@@ -143,7 +154,7 @@ def refine_poses(
             pixels = torch.stack([flat // w, flat % w], dim=-1)
             target = target_images[rows, pixels[..., 0], pixels[..., 1]]
             with torch.enable_grad():
-                c2w = apply_correction(c2w0, opt_module(all_views))
+                c2w = apply_correction(c2w0, opt_module(all_views), translation)
                 rgb = render_pixels(c2w, pixels)
                 loss = (rgb - target).pow(2).mean(dim=(1, 2)).sum()
                 (grad,) = torch.autograd.grad(loss, [opt_module.pose_adjustment])
@@ -151,5 +162,5 @@ def refine_poses(
             optimizer.step()
             schedule.step()
         with torch.no_grad():
-            out.append(apply_correction(c2w0, opt_module(all_views)))
+            out.append(apply_correction(c2w0, opt_module(all_views), translation))
     return torch.cat(out)

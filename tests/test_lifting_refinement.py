@@ -228,6 +228,41 @@ def test_test_time_refinement_reduces_a_known_pose_error(tiny_lego):
     assert torch.equal(refine_poses(pipe.model.render_pixels, start, target, 0, 512, 5e-3), start)
 
 
+def test_rotation_only_corrections_keep_each_camera_on_its_sphere(tiny_lego):
+    """``--pipeline.model.pose-refinement-translation False``: a correction's translation is dropped (training
+    refinement, re-selection and test-time refinement alike), so a camera turns about the origin and keeps its
+    distance to it; the toy's 6 deg orbit error still falls below half."""
+    config = tiny_config(tiny_lego)
+    config.pipeline.model.pose_refinement_start_step = 1
+    config.pipeline.model.pose_refinement_translation = False
+    pipe = config.pipeline.setup(device="cpu", test_mode="val")
+    refinement = pipe.model.pose_refinement
+    assert pipe.maybe_start_pose_refinement(1)
+    encoder = refinement.snapshot_c2w.clone()
+    with torch.no_grad():
+        refinement.camera_optimizer.pose_adjustment[2] = torch.tensor([0.5, -0.3, 0.2, 0.1, -0.2, 0.05])
+    turn = roma.rotvec_to_rotmat(torch.tensor([0.1, -0.2, 0.05]))
+    moved = refinement.c2w(torch.tensor([2]))[0]
+    assert torch.allclose(moved, turn @ encoder[2], atol=1e-5)  # the translation (0.5, -0.3, 0.2) is ignored
+    # re-selection: moving to a camera makes it the refined camera under the same rotation-only correction
+    target = pipe.datamanager.dataset_camera_to_worlds("train")[:1].float()
+    refinement.move_to(torch.tensor([2]), target)
+    assert torch.allclose(refinement.c2w(torch.tensor([2])), target, atol=1e-5)
+    # test-time: the toy of test_test_time_refinement_reduces_a_known_pose_error, rotations only
+    toy = toy_field_pipeline(tiny_lego)
+    true = toy.datamanager.dataset_camera_to_worlds("eval")[:2]
+    with torch.no_grad():
+        images = torch.stack([toy.model.get_outputs_for_camera(toy.model.cameras_from_c2w(true[i:i + 1]))["rgb"]
+                              for i in range(2)])
+    axes = torch.nn.functional.normalize(torch.tensor([[0.3, -0.8, 0.5], [-0.6, 0.2, 0.7]]), dim=1)
+    start = roma.rotvec_to_rotmat(axes * math.radians(6.0)) @ true
+    refined = refine_poses(toy.model.render_pixels, start, images, steps=100, pixels_per_view=512, lr=5e-3,
+                           translation=False)
+    after = torch.rad2deg(roma.rotmat_geodesic_distance(refined[:, :, :3], true[:, :, :3]))
+    assert (after < 3.0).all(), after
+    assert torch.allclose(refined[:, :, 3].norm(dim=1), true[:, :, 3].norm(dim=1), atol=1e-4)  # still on the sphere
+
+
 def test_snapshot_and_corrections_survive_save_and_load(tiny_lego):
     pipe = refining_pipeline(tiny_lego, start=1)
     pipe.maybe_start_pose_refinement(1)
