@@ -45,7 +45,7 @@ from gen_lifting.hash_field import HashFieldConfig
 from gen_lifting.occupancy import OccupancySampling, OccupancySamplingConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
 from gen_lifting.proposal import ProposalSampling, ProposalSamplingConfig
-from gen_lifting.refinement import PoseRefinement, frozen_parameters
+from gen_lifting.refinement import CorrectionPivot, PoseRefinement, frozen_parameters
 
 
 FieldConfig = Union[
@@ -87,6 +87,10 @@ class GenLiftingModelConfig(ModelConfig):
     only, its translation held at zero, so a camera keeps its distance to the scene centre and, like the 360
     candidates (gen_lifting/cameras.py), keeps looking at the origin; it can still orbit and roll. For 360 scenes;
     forward-facing cameras need the translation."""
+    pose_refinement_about: CorrectionPivot = "origin"
+    """Pose refinement (training and test-time): where a correction turns a camera. 'origin' (ours): about the world
+    origin, one rotation for the orbit errors of 360 candidates; 'camera' (nerfstudio's convention): about the
+    camera's own centre, with the translation along its own axes."""
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="SO3xR3"))
     """nerfstudio's per-image pose correction used by the pose refinement (only built when it is on; its optimiser
     is the ``camera_opt`` group of ``--optimizers``)."""
@@ -177,7 +181,8 @@ class GenLiftingModel(Model):
         self.pose_refinement: Optional[PoseRefinement] = None
         if self.config.pose_refinement_start_step > 0:
             self.pose_refinement = PoseRefinement(self.num_train_data, self.config.camera_optimizer,
-                                                  translation=self.config.pose_refinement_translation)
+                                                  translation=self.config.pose_refinement_translation,
+                                                  about=self.config.pose_refinement_about)
 
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes

@@ -277,7 +277,8 @@ class GenLiftingPipeline(VanillaPipeline):
         refined = refine_poses(self.model.render_pixels, start, dm.eval_images, self.config.test_time_refine_steps,
                                self.config.test_time_refine_pixels, self.config.test_time_refine_lr,
                                seed=self.config.eval_pose_seed,
-                               translation=self.model.config.pose_refinement_translation)
+                               translation=self.model.config.pose_refinement_translation,
+                               about=self.model.config.pose_refinement_about)
         if was_training:
             self.train()
         return refined

@@ -30,7 +30,7 @@ scored (``test_refined_*``) under the alignment fitted on the training views, li
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -39,8 +39,16 @@ from nerfstudio.utils import poses as pose_utils
 from torch import Tensor, nn
 
 
+CorrectionPivot = Literal["origin", "camera"]
+"""Where a correction turns a camera: about the world origin (ours, the default) or about the camera's own centre
+(nerfstudio's ``CameraOptimizer.apply_to_camera``)."""
+
+
 def apply_correction(
-    c2w: Float[Tensor, "num 3 4"], correction: Float[Tensor, "num 3 4"], translation: bool = True
+    c2w: Float[Tensor, "num 3 4"],
+    correction: Float[Tensor, "num 3 4"],
+    translation: bool = True,
+    about: CorrectionPivot = "origin",
 ) -> Float[Tensor, "num 3 4"]:
     """``correction o c2w`` (nerfstudio's ``pose_utils.multiply``): the correction is a rigid motion of the camera in
     world coordinates, its rotation about the world origin, i.e. the object's centre in a 360 scene.
@@ -51,9 +59,16 @@ def apply_correction(
     tests/test_lifting_refinement.py: 6 deg of orbit error were still 5.9 / 5.2 deg after 60 steps that way).
 
     ``translation=False`` drops the correction's translation (``--pipeline.model.pose-refinement-translation``):
-    the camera only turns about the origin."""
+    the camera only turns. ``about="camera"`` (``--pipeline.model.pose-refinement-about camera``) is
+    ``CameraOptimizer.apply_to_camera``'s convention (written out here because that method reads a ``Cameras``'
+    metadata and returns one matrix per call): the correction's rotation turns the camera's axes about its own
+    centre, its translation shifts the centre; the natural motion of a forward-facing rig's small offsets."""
     if not translation:
         correction = torch.cat([correction[..., :3], torch.zeros_like(correction[..., 3:])], dim=-1)
+    if about == "camera":
+        return torch.cat([correction[..., :3] @ c2w[..., :3], c2w[..., 3:] + correction[..., 3:]], dim=-1)
+    if about != "origin":
+        raise ValueError(f"a correction turns about 'origin' or 'camera', got {about!r}")
     return pose_utils.multiply(correction, c2w)
 
 
@@ -74,10 +89,15 @@ class PoseRefinement(nn.Module):
     """Per-training-image pose: the encoder's snapshot composed with a CameraOptimizer correction."""
 
     def __init__(
-        self, num_images: int, camera_optimizer: CameraOptimizerConfig, device="cpu", translation: bool = True
+        self,
+        num_images: int,
+        camera_optimizer: CameraOptimizerConfig,
+        device="cpu",
+        translation: bool = True,
+        about: CorrectionPivot = "origin",
     ) -> None:
         super().__init__()
-        self.translation = translation  # False: corrections turn cameras about the origin only (apply_correction)
+        self.translation, self.about = translation, about  # how a correction moves a camera (apply_correction)
         if camera_optimizer.mode == "off":
             raise ValueError("pose refinement needs a camera optimizer mode ('SO3xR3' or 'SE3'), got 'off'")
         self.camera_optimizer: CameraOptimizer = camera_optimizer.setup(num_cameras=num_images, device=device)
@@ -99,18 +119,23 @@ class PoseRefinement(nn.Module):
     @torch.no_grad()
     def move_to(self, indices: Int[Tensor, "num"], c2w: Float[Tensor, "num 3 4"]) -> None:
         """Make the refined camera of these images ``c2w`` (their corrections, and the optimiser's state for them, are
-        kept: the snapshot becomes correction^-1 o c2w)."""
+        kept: the snapshot becomes the correction undone from c2w)."""
         indices = indices.to(self.snapshot_c2w.device)
-        correction = apply_correction(torch.eye(3, 4).to(self.snapshot_c2w).expand(len(indices), 3, 4),
-                                      self.camera_optimizer(indices).detach(), self.translation)
-        self.snapshot_c2w[indices] = pose_utils.multiply(pose_utils.inverse(correction), c2w.to(self.snapshot_c2w))
+        identity = torch.eye(3, 4).to(self.snapshot_c2w).expand(len(indices), 3, 4)
+        correction = apply_correction(identity, self.camera_optimizer(indices).detach(), self.translation)
+        c2w = c2w.to(self.snapshot_c2w)
+        if self.about == "camera":  # apply_correction's camera rule, inverted: rotation first, then the shift
+            turn_back = correction[..., :3].transpose(-1, -2)
+            self.snapshot_c2w[indices] = torch.cat([turn_back @ c2w[..., :3], c2w[..., 3:] - correction[..., 3:]], -1)
+        else:
+            self.snapshot_c2w[indices] = pose_utils.multiply(pose_utils.inverse(correction), c2w)
 
     def c2w(self, indices: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch 3 4"]:
         """Refined camera-to-world of the given training images (all when ``indices`` is None)."""
         if indices is None:
             indices = torch.arange(self.snapshot_c2w.shape[0], device=self.snapshot_c2w.device)
         indices = indices.to(self.snapshot_c2w.device)
-        return apply_correction(self.snapshot_c2w[indices], self.camera_optimizer(indices), self.translation)
+        return apply_correction(self.snapshot_c2w[indices], self.camera_optimizer(indices), self.translation, self.about)
 
 
 def refine_poses(
@@ -123,6 +148,7 @@ def refine_poses(
     seed: int = 0,
     chunk: int = 32,
     translation: bool = True,
+    about: CorrectionPivot = "origin",
 ) -> Float[Tensor, "num 3 4"]:
     """iNeRF-style test-time refinement: ``steps`` Adam steps (lr decaying from ``lr`` to ``lr / 10``) of an SO3xR3
     correction per view against a frozen
@@ -131,7 +157,7 @@ def refine_poses(
     Each view's loss is its own mean squared error (summed over the chunk, so a view's steps do not depend on what
     it is batched with); random pixels per step from a generator seeded by ``seed`` and the chunk's first view.
     Only the corrections get gradients (``torch.autograd.grad``): nothing accumulates in the field's ``.grad``.
-    ``translation=False``: rotations about the origin only (``apply_correction``).
+    ``translation`` / ``about``: how a correction moves a camera (``apply_correction``).
     """
     if steps <= 0:
         return start_c2w
@@ -154,7 +180,7 @@ def refine_poses(
             pixels = torch.stack([flat // w, flat % w], dim=-1)
             target = target_images[rows, pixels[..., 0], pixels[..., 1]]
             with torch.enable_grad():
-                c2w = apply_correction(c2w0, opt_module(all_views), translation)
+                c2w = apply_correction(c2w0, opt_module(all_views), translation, about)
                 rgb = render_pixels(c2w, pixels)
                 loss = (rgb - target).pow(2).mean(dim=(1, 2)).sum()
                 (grad,) = torch.autograd.grad(loss, [opt_module.pose_adjustment])
@@ -162,5 +188,5 @@ def refine_poses(
             optimizer.step()
             schedule.step()
         with torch.no_grad():
-            out.append(apply_correction(c2w0, opt_module(all_views), translation))
+            out.append(apply_correction(c2w0, opt_module(all_views), translation, about))
     return torch.cat(out)

@@ -263,6 +263,32 @@ def test_rotation_only_corrections_keep_each_camera_on_its_sphere(tiny_lego):
     assert torch.allclose(refined[:, :, 3].norm(dim=1), true[:, :, 3].norm(dim=1), atol=1e-4)  # still on the sphere
 
 
+def test_corrections_about_the_camera_follow_nerfstudios_convention(tiny_lego):
+    """``--pipeline.model.pose-refinement-about camera``: the refined camera is what nerfstudio's
+    ``CameraOptimizer.apply_to_camera`` makes of the snapshot (turned about its own centre, shifted); re-selection
+    inverts it."""
+    config = tiny_config(tiny_lego)
+    config.pipeline.model.pose_refinement_start_step = 1
+    config.pipeline.model.pose_refinement_about = "camera"
+    pipe = config.pipeline.setup(device="cpu", test_mode="val")
+    refinement = pipe.model.pose_refinement
+    assert pipe.maybe_start_pose_refinement(1)
+    snapshot = refinement.snapshot_c2w.clone()
+    with torch.no_grad():
+        refinement.camera_optimizer.pose_adjustment[1] = torch.tensor([0.2, -0.1, 0.3, 0.05, 0.1, -0.2])
+    cameras = pipe.model.cameras_from_c2w(snapshot[1:2])
+    cameras.metadata = {"cam_idx": 1}
+    expected = refinement.camera_optimizer.apply_to_camera(cameras)  # nerfstudio's own rule
+    moved = refinement.c2w(torch.tensor([1]))
+    assert torch.allclose(moved, expected, atol=1e-6)
+    assert torch.allclose(moved[0, :, 3], snapshot[1, :, 3] + torch.tensor([0.2, -0.1, 0.3]), atol=1e-6)
+    target = pipe.datamanager.dataset_camera_to_worlds("train")[:1].float()
+    refinement.move_to(torch.tensor([1]), target)
+    assert torch.allclose(refinement.c2w(torch.tensor([1])), target, atol=1e-5)
+    with pytest.raises(ValueError, match="'origin' or 'camera'"):
+        apply_correction(snapshot[:1], snapshot[:1], about="centre")
+
+
 def test_snapshot_and_corrections_survive_save_and_load(tiny_lego):
     pipe = refining_pipeline(tiny_lego, start=1)
     pipe.maybe_start_pose_refinement(1)
