@@ -484,6 +484,10 @@ def main() -> None:
     parser.add_argument("--colmap-px", type=int, nargs="+", default=[0],
                         help="colmap: long sides of the images COLMAP reads, one run each (0 = as stored)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lifting.json")
+    parser.add_argument("--keep-run", type=Path, default=None, metavar="DIR",
+                        help="keep each gen-lifting run under DIR (config.yml and a checkpoint of the last step, as "
+                             "ns-train writes them) for ns-viewer / ns-eval / gen-lifting pose-vs-noise; default: a "
+                             "temporary folder, deleted")
     args = parser.parse_args()
     if "colmap" in args.methods:
         import_pycolmap()  # fail before any training if the extra is missing
@@ -506,8 +510,14 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 config = build_config(method, scene, args, Path(tmp))
+                if args.keep_run is not None and method in GEN_METHODS:
+                    config.output_dir = args.keep_run
+                    config.save_config()
                 print(f"== {scene} / {method}: training {args.budget_s:.0f}s", flush=True)
                 trainer, steps, train_s = train(method, config, args.budget_s, args.log_every_s, args.max_steps)
+                if args.keep_run is not None and method in GEN_METHODS:
+                    trainer.save_checkpoint(steps - 1)  # the step index of the last update, as nerfstudio counts
+                    print(f"   kept the run: {config.get_base_dir() / 'config.yml'}", flush=True)
                 from gen_lifting.datasets import resolve_data
 
                 metrics = evaluate(method, trainer, args.eval_images, resolve_data(scene))
