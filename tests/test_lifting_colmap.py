@@ -1,5 +1,6 @@
 """benchmarks/lifting.py's COLMAP baseline: the metric (unregistered views are misses), COLMAP's camera convention,
-the one-line error without the bench extra, and (with pycolmap installed) a 64-px lego run of the CLI."""
+the one-line error without the bench extra, (with pycolmap installed) a 64-px lego run of the CLI, and a gen-lifting
+run kept with --keep-run that loads with the pose errors the benchmark wrote."""
 
 from __future__ import annotations
 
@@ -135,3 +136,26 @@ def test_table_prints_encoder_refined_and_colmap_rows(capsys):
     assert lines[2].split()[-7:] == ["19.96", "0.800", "0.300", "2.4", "0.98", "2.9", "0.95"]
     assert lines[3].split()[2:] == ["nan", "nan", "nan", "5.1", "0.26", "nan", "nan", "nan"]
     assert "registered 26/100" in lines[4]
+
+
+def test_keep_run_leaves_a_run_that_loads_and_poses_as_benchmarked(tmp_path):
+    """``--keep-run DIR``: the benchmark's gen-lifting run is kept in nerfstudio's layout (config.yml + the last step's
+    checkpoint); loading it gives the pose errors the benchmark wrote, and the JSON carries the centre-error keys."""
+    from gen_lifting.inference import load_pipeline
+    from test_lifting_method import make_tiny_lego
+
+    data = make_tiny_lego(tmp_path / "lego", n_train=4, n_eval=2)
+    out, keep = tmp_path / "bench.json", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(BENCH / "lifting.py"), "--methods", "gen-lifting", "--scenes", str(data),
+                           "--max-steps", "2", "--budget-s", "600", "--threads", "1", "--eval-images", "2",
+                           "--log-every-s", "0", "--keep-run", str(keep), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(out.read_text())["scenes"][str(data)]["gen-lifting"]
+    assert m["steps"] == 2 and all(key in m for key in ("center_angle_err_median_deg", "center_dist_median"))
+    (config,) = keep.rglob("config.yml")
+    assert [p.name for p in (config.parent / "nerfstudio_models").iterdir()] == ["step-000000001.ckpt"]
+    loaded = load_pipeline(config, test_mode="val")
+    poses = loaded.evaluate_poses()
+    assert poses["rot_err_median_deg"] == pytest.approx(m["rot_err_median_deg"], abs=1e-4)
+    assert poses["center_angle_err_median_deg"] == pytest.approx(m["center_angle_err_median_deg"], abs=1e-4)
