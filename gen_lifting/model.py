@@ -89,8 +89,8 @@ class GenLiftingModelConfig(ModelConfig):
     forward-facing cameras need the translation."""
     pose_refinement_about: CorrectionPivot = "origin"
     """Pose refinement (training and test-time): where a correction turns a camera. 'origin' (ours): about the world
-    origin, one rotation for the orbit errors of 360 candidates; 'camera' (nerfstudio's convention): about the
-    camera's own centre, with the translation along its own axes."""
+    origin, one rotation for the orbit errors of 360 candidates; 'camera' (``CameraOptimizer.apply_to_camera``'s
+    rule): the camera's axes turn about its own centre and the translation shifts that centre."""
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="SO3xR3"))
     """nerfstudio's per-image pose correction used by the pose refinement (only built when it is on; its optimiser
     is the ``camera_opt`` group of ``--optimizers``)."""
