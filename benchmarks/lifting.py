@@ -510,12 +510,13 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 config = build_config(method, scene, args, Path(tmp))
-                if args.keep_run is not None and method in GEN_METHODS:
+                keep = args.keep_run is not None and method in GEN_METHODS
+                if keep:
                     config.output_dir = args.keep_run
                     config.save_config()
                 print(f"== {scene} / {method}: training {args.budget_s:.0f}s", flush=True)
                 trainer, steps, train_s = train(method, config, args.budget_s, args.log_every_s, args.max_steps)
-                if args.keep_run is not None and method in GEN_METHODS:
+                if keep:
                     trainer.save_checkpoint(steps - 1)  # the step index of the last update, as nerfstudio counts
                     print(f"   kept the run: {config.get_base_dir() / 'config.yml'}", flush=True)
                 from gen_lifting.datasets import resolve_data

@@ -63,13 +63,33 @@ def apply_correction(
     ``CameraOptimizer.apply_to_camera``'s convention (written out here because that method reads a ``Cameras``'
     metadata and returns one matrix per call): the correction's rotation turns the camera's axes about its own
     centre, its translation shifts the centre; the natural motion of a forward-facing rig's small offsets."""
-    if not translation:
-        correction = torch.cat([correction[..., :3], torch.zeros_like(correction[..., 3:])], dim=-1)
+    correction = _checked(correction, translation, about)
     if about == "camera":
         return torch.cat([correction[..., :3] @ c2w[..., :3], c2w[..., 3:] + correction[..., 3:]], dim=-1)
-    if about != "origin":
-        raise ValueError(f"a correction turns about 'origin' or 'camera', got {about!r}")
     return pose_utils.multiply(correction, c2w)
+
+
+def undo_correction(
+    c2w: Float[Tensor, "num 3 4"],
+    correction: Float[Tensor, "num 3 4"],
+    translation: bool = True,
+    about: CorrectionPivot = "origin",
+) -> Float[Tensor, "num 3 4"]:
+    """The camera that ``apply_correction`` (same arguments) moves to ``c2w``: its inverse."""
+    correction = _checked(correction, translation, about)
+    if about == "camera":  # turn back first, then undo the shift
+        turn_back = correction[..., :3].transpose(-1, -2)
+        return torch.cat([turn_back @ c2w[..., :3], c2w[..., 3:] - correction[..., 3:]], dim=-1)
+    return pose_utils.multiply(pose_utils.inverse(correction), c2w)
+
+
+def _checked(correction: Float[Tensor, "num 3 4"], translation: bool, about: str) -> Float[Tensor, "num 3 4"]:
+    """The correction as both rules use it (translation zeroed when it is off); a one-line error for a bad pivot."""
+    if about not in ("origin", "camera"):
+        raise ValueError(f"a correction turns about 'origin' or 'camera', got {about!r}")
+    if translation:
+        return correction
+    return torch.cat([correction[..., :3], torch.zeros_like(correction[..., 3:])], dim=-1)
 
 
 @contextlib.contextmanager
@@ -121,14 +141,8 @@ class PoseRefinement(nn.Module):
         """Make the refined camera of these images ``c2w`` (their corrections, and the optimiser's state for them, are
         kept: the snapshot becomes the correction undone from c2w)."""
         indices = indices.to(self.snapshot_c2w.device)
-        identity = torch.eye(3, 4).to(self.snapshot_c2w).expand(len(indices), 3, 4)
-        correction = apply_correction(identity, self.camera_optimizer(indices).detach(), self.translation)
-        c2w = c2w.to(self.snapshot_c2w)
-        if self.about == "camera":  # apply_correction's camera rule, inverted: rotation first, then the shift
-            turn_back = correction[..., :3].transpose(-1, -2)
-            self.snapshot_c2w[indices] = torch.cat([turn_back @ c2w[..., :3], c2w[..., 3:] - correction[..., 3:]], -1)
-        else:
-            self.snapshot_c2w[indices] = pose_utils.multiply(pose_utils.inverse(correction), c2w)
+        self.snapshot_c2w[indices] = undo_correction(c2w.to(self.snapshot_c2w), self.camera_optimizer(indices).detach(),
+                                                     self.translation, self.about)
 
     def c2w(self, indices: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch 3 4"]:
         """Refined camera-to-world of the given training images (all when ``indices`` is None)."""
