@@ -208,6 +208,7 @@ def train(method: str, config, budget_s: float, log_every_s: float, max_steps: i
     """
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
+    from gen_lifting.diagnostics import camera_spread
     from gen_lifting.lpips_offline import nerfstudio_models_offline
 
     trainer = config.setup(local_rank=0, world_size=1)
@@ -231,6 +232,10 @@ def train(method: str, config, budget_s: float, log_every_s: float, max_steps: i
                 line += (f" rot_med {pe['rot_err_median_deg']:6.1f} within15 {pe['within_15deg']:.2f}"
                          f" test_rot_med {pe['test_rot_err_median_deg']:6.1f}"
                          f" usage_entropy {float(metrics.get('candidate_usage_entropy', 0)):.2f}")
+                spread = camera_spread(pipe)  # ground-truth-free: do the cameras collapse? (gen_lifting/diagnostics)
+                if spread:
+                    line += (f" spread {spread['top_spread_deg']:5.1f}"
+                             f" cand_moves {spread['candidate_dependence_deg']:5.1f}")
                 if "refined_rot_err_median_deg" in pe:  # optional pose refinement (gen_lifting/refinement.py)
                     line += (f" refined_rot_med {pe['refined_rot_err_median_deg']:6.1f}"
                              f" refined_within15 {pe['refined_within_15deg']:.2f}")

@@ -109,3 +109,38 @@ def plot_pose_errors_by_noise(rows: List[Dict[str, float]], path, title: str = "
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _angles_deg(a: Float[Tensor, "*batch 3"], b: Float[Tensor, "*batch 3"]) -> Tensor:
+    cos = (torch.nn.functional.normalize(a, dim=-1) * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+@torch.no_grad()
+def camera_spread(pipeline) -> Dict[str, float]:
+    """Ground-truth-free statistics of the encoder's cameras of the training photos (360 candidates; {} otherwise):
+
+    - ``top_spread_deg``: mean angle, seen from the origin, between the top-scoring cameras of two training photos.
+      A capture that circles the object spreads its cameras (lego's true cameras: 67 deg); a collapsed run puts
+      them in a few clumps (lego runs that never posed: 41-46 deg);
+    - ``candidate_dependence_deg``: the median over candidates of how far a candidate's camera moves with the photo
+      (median angle to its mean position over the training photos). Candidates that barely move (a few deg) ignore
+      the photo: the encoder outputs near-constant cameras, and the score alone picks one of K fixed views.
+
+    Photos are encoded at the evaluation noise level (``pipeline.encode``); nothing is trained or changed.
+    """
+    if pipeline.uses_dataset_poses or pipeline.model.pose_encoder.config.mode != "candidates":
+        return {}
+    was_training = pipeline.training
+    pipeline.eval()
+    try:
+        candidates, scores = _encode_all(pipeline, pipeline.datamanager.train_images)
+    finally:
+        if was_training:
+            pipeline.train()
+    centres = candidates[..., :3, 3]  # [n, k, 3]
+    top = centres[torch.arange(len(centres)), scores.argmax(dim=1)]
+    pairs = torch.triu_indices(len(top), len(top), offset=1)
+    spread = _angles_deg(top[pairs[0]], top[pairs[1]]).mean()
+    moves = _angles_deg(centres, centres.mean(dim=0, keepdim=True).expand_as(centres)).median(dim=0).values
+    return {"top_spread_deg": spread.item(), "candidate_dependence_deg": moves.median().item()}

@@ -124,6 +124,9 @@ class GenLiftingModelConfig(ModelConfig):
     (linearly decayed to 0 over ``random_route_steps``; the CE target stays the argmin)."""
     random_route_steps: int = 0
     """Steps over which ``random_route_prob`` decays to 0."""
+    random_route_moves_camera: bool = True
+    """Ours: whether a randomly routed image's render also moves the camera it was routed to (True, as before).
+    False: that render trains the field only (its camera is detached); the cameras learn from argmin routes alone."""
     field_max_t: int = 0
     """Ours, not the thesis' (0 = off, the thesis: every image trains the field). Only images noised to t below this
     train the radiance field; the noisier ones train the pose encoder alone (their render still passes gradients to
@@ -332,13 +335,17 @@ class GenLiftingModel(Model):
             winner = cand_err.argmin(dim=1)
             routed = winner
             p = self.route_prob() if self.training else 0.0
+            explore = None
             if p > 0:
                 explore = torch.rand(bsz, device=c2w.device) < p
                 routed = torch.where(explore, torch.randint(0, k, (bsz,), device=c2w.device), winner)
         else:
             cand_err = torch.zeros(bsz, 1, device=c2w.device)
             winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
+            explore = None
         best = c2w[torch.arange(bsz, device=c2w.device), routed]
+        if explore is not None and not self.config.random_route_moves_camera:
+            best = torch.where(explore[:, None, None], best.detach(), best)
         # pose refinement (training batches only, never the oracle's): the refined cameras train the field; the
         # encoder's render trains the encoder alone unless ``refinement_field_from_encoder``
         refine = self.refining and self.training and "camera_to_worlds" not in batch
