@@ -234,6 +234,47 @@ def test_random_routing_sends_gradient_to_the_routed_candidate(tiny_lego):
     assert pipe.model.route_prob() == 0.0
 
 
+def test_random_routes_can_train_the_field_only(tiny_lego):
+    """random_route_moves_camera=False: an explored photo's render moves no camera (the CE loss on the scores
+    still trains the encoder); the field still learns from it."""
+    pipe = setup_pipeline(tiny_lego)
+    cfg = pipe.model.config
+    cfg.random_route_prob, cfg.random_route_steps, cfg.random_route_moves_camera = 1.0, 10, False
+    pipe.model.step = 0  # route_prob 1: every photo is explored
+    _, batch = pipe.datamanager.next_train(0)
+    outputs = pipe.model(batch)
+    outputs["c2w"].retain_grad()
+    loss = pipe.model.get_loss_dict(outputs, batch)
+    loss["rgb_loss"].backward()
+    assert outputs["c2w"].grad is None or not outputs["c2w"].grad.any()
+    assert any(p.grad is not None and p.grad.any() for p in pipe.model.field_parameters())
+    cfg.random_route_moves_camera = True  # as before: the explored render moves its camera
+    pipe.model.zero_grad()
+    outputs = pipe.model(batch)
+    outputs["c2w"].retain_grad()
+    pipe.model.get_loss_dict(outputs, batch)["rgb_loss"].backward()
+    assert outputs["c2w"].grad.abs().sum(dim=(-1, -2)).gt(0).any()
+
+
+def test_camera_spread_tells_constant_cameras_from_photo_dependent_ones(tiny_lego):
+    """diagnostics.camera_spread (ground-truth free): an encoder whose cameras ignore the photo scores 0 on both
+    statistics; once its cameras depend on the photo, both are positive."""
+    from gen_lifting.diagnostics import camera_spread
+
+    pipe = setup_pipeline(tiny_lego)
+    head = pipe.model.pose_encoder.direction_head
+    with torch.no_grad():
+        head.weight.zero_()  # every photo gets the same K cameras (the biases), and the scores are all zero
+    flat = camera_spread(pipe)
+    assert flat["top_spread_deg"] == pytest.approx(0.0, abs=1e-3)
+    assert flat["candidate_dependence_deg"] == pytest.approx(0.0, abs=1e-3)
+    with torch.no_grad():
+        head.weight.normal_(std=3.0)
+    moving = camera_spread(pipe)
+    assert moving["top_spread_deg"] > 1.0 and moving["candidate_dependence_deg"] > 1.0
+    assert pipe.training  # restored
+
+
 def test_tv_prior_decays_to_zero_after_its_start_step(tiny_lego):
     pipe = setup_pipeline(tiny_lego)
     cfg = pipe.model.config
