@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from pose_structure import structure  # noqa: E402
+from pose_structure import mean_pairwise_angle_deg, structure  # noqa: E402
 
 
 def _centres(n: int = 60, seed: int = 0) -> np.ndarray:
@@ -35,3 +35,9 @@ def test_rotated_mirrored_and_scrambled_sets():
     assert abs(scrambled["elevation_corr"]) < 0.5
     assert min(scrambled["centre_after_best_rotation_median_deg"],
                scrambled["centre_after_best_reflection_median_deg"]) > 20.0
+
+
+def test_mean_pairwise_angle():
+    square = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # 90, 180, 90 deg apart
+    assert mean_pairwise_angle_deg(3.0 * square) == pytest.approx(120.0)
+    assert mean_pairwise_angle_deg(np.ones((4, 3))) == pytest.approx(0.0, abs=1e-4)
