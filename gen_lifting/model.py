@@ -125,8 +125,10 @@ class GenLiftingModelConfig(ModelConfig):
     random_route_steps: int = 0
     """Steps over which ``random_route_prob`` decays to 0."""
     random_route_moves_camera: bool = True
-    """Ours: whether a randomly routed image's render also moves the camera it was routed to (True, as before).
-    False: that render trains the field only (its camera is detached); the cameras learn from argmin routes alone."""
+    """Ours: whether a randomly routed image's render also moves the camera it was routed to. False (the CPU presets):
+    that render trains the field only (its camera is detached) and the cameras learn from their best-of-K renders
+    alone. With True, candidates explored by photos of every azimuth collapsed to near-constant cameras high toward
+    the top view, and discovery failed on 3 of 9 lego seeds (docs/lifting.md)."""
     field_max_t: int = 0
     """Ours, not the thesis' (0 = off, the thesis: every image trains the field). Only images noised to t below this
     train the radiance field; the noisier ones train the pose encoder alone (their render still passes gradients to

@@ -122,9 +122,10 @@ gen_lifting_refine = MethodSpecification(
     # Ours, beyond the thesis (gen_lifting/refinement.py): the gen-lifting preset, then from step 2000 of its 4000 the
     # training photos' encoder poses refined with nerfstudio's CameraOptimizer, and 100 iNeRF-like steps per held-out
     # photo at evaluation; from the refinement's start the TV prior decays to 0 over 1000 steps. lego, 4000 steps,
-    # 3 seeds: refined median 2.3 / 1.0 / 2.8 deg (train), 2.3 / 0.8 / 3.0 (held-out), held-out PSNR 23.43 / 23.93 /
-    # 22.85 dB vs 24.88 for the true-pose oracle (with the constant prior: 19.96 / 20.14 / 19.76 dB, poses about the
-    # same; docs/lifting.md, "Decaying the TV prior").
+    # seeds 0 / 1 / 8 / 2 / 3 on a 2-core AMD EPYC (with the field-only random routes of cpu_model): refined median
+    # 0.91 / 3.60 / 1.25 / 1.14 / 1.86 deg (train), held-out PSNR 24.10 / 22.85 / 24.08 / 24.68 / 22.69 dB vs 24.88
+    # for the true-pose oracle (docs/lifting.md, "Random routes that train the field only"; the TV decay's effect:
+    # "Decaying the TV prior").
     config=make_config("gen-lifting-refine", model=cpu_model(pose_refinement_start_step=2000, **TV_DECAY),
                        test_time_refine_steps=100),
     description="gen-lifting, then (ours) pose refinement from step 2000 with nerfstudio's CameraOptimizer, the TV "
