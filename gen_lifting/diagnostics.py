@@ -121,7 +121,7 @@ def camera_spread(pipeline) -> Dict[str, float]:
     """Ground-truth-free statistics of the encoder's cameras of the training photos (360 candidates; {} otherwise):
 
     - ``top_spread_deg``: mean angle, seen from the origin, between the top-scoring cameras of two training photos.
-      A capture that circles the object spreads its cameras (lego's true cameras: 67 deg); a collapsed run puts
+      A capture that circles the object spreads its cameras (lego's true cameras: 68 deg); a collapsed run puts
       them in a few clumps (lego runs that never posed: 41-46 deg);
     - ``candidate_dependence_deg``: the median over candidates of how far a candidate's camera moves with the photo
       (median angle to its mean position over the training photos). Candidates that barely move (a few deg) ignore

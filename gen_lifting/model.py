@@ -325,6 +325,7 @@ class GenLiftingModel(Model):
         else:
             c2w, scores = self.pose_encoder(batch["x_t"], batch["t"])
         bsz, k = scores.shape
+        explore = None  # photos routed to a random candidate this step (early exploration)
         if k > 1:
             with torch.no_grad(), self.scoring_pass():
                 pix = batch["score_pixels"].repeat_interleave(k, dim=0)
@@ -337,14 +338,12 @@ class GenLiftingModel(Model):
             winner = cand_err.argmin(dim=1)
             routed = winner
             p = self.route_prob() if self.training else 0.0
-            explore = None
             if p > 0:
                 explore = torch.rand(bsz, device=c2w.device) < p
                 routed = torch.where(explore, torch.randint(0, k, (bsz,), device=c2w.device), winner)
         else:
             cand_err = torch.zeros(bsz, 1, device=c2w.device)
             winner = routed = torch.zeros(bsz, dtype=torch.long, device=c2w.device)
-            explore = None
         best = c2w[torch.arange(bsz, device=c2w.device), routed]
         if explore is not None and not self.config.random_route_moves_camera:
             best = torch.where(explore[:, None, None], best.detach(), best)
