@@ -53,19 +53,14 @@ def structure(pred: np.ndarray, true: np.ndarray) -> Dict[str, float]:
     return out
 
 
-def mean_pairwise_angle_deg(centres: np.ndarray) -> float:
-    """Mean angle (deg) between two camera centres [n, 3] seen from the origin (``top_spread_deg`` of the truth)."""
-    unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
-    i, j = np.triu_indices(len(unit), k=1)
-    return float(np.degrees(np.arccos(np.clip((unit[i] * unit[j]).sum(axis=1), -1.0, 1.0))).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load-config", type=Path, required=True, help="config.yml of a trained gen-lifting run")
     parser.add_argument("--out", type=Path, default=Path("pose_structure.json"), help="JSON written here")
     args = parser.parse_args()
-    from gen_lifting.diagnostics import camera_spread
+    import torch
+
+    from gen_lifting.diagnostics import camera_spread, mean_pairwise_angle_deg
     from gen_lifting.inference import load_pipeline
 
     pipe = load_pipeline(args.load_config, test_mode="val")
@@ -74,7 +69,7 @@ def main() -> None:
     result = structure(pred, true)
     # the ground-truth-free collapse statistics (gen_lifting/diagnostics.camera_spread), next to the true cameras' spread
     result.update(camera_spread(pipe))
-    result["true_spread_deg"] = mean_pairwise_angle_deg(true)
+    result["true_spread_deg"] = mean_pairwise_angle_deg(torch.from_numpy(true))
     for key, value in result.items():
         print(f"{key:42s} {value:8.3f}")
     args.out.write_text(json.dumps({"config": str(args.load_config), **result}, indent=2))

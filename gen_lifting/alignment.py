@@ -125,6 +125,12 @@ def _mean_median(prefix: str, values: Tensor) -> Dict[str, float]:
     return {f"{prefix}_mean": values.mean().item(), f"{prefix}_median": torch.quantile(values, 0.5).item()}
 
 
+def direction_angle_deg(a: Float[Tensor, "*batch 3"], b: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch"]:
+    """Angle (deg) between the directions ``a`` and ``b`` (the cosine clamped to [-1, 1] against rounding)."""
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cosine))
+
+
 def pose_errors(
     pred_c2w: Float[Tensor, "num_cams rows 4"],
     gt_c2w: Float[Tensor, "num_cams rows 4"],
@@ -148,8 +154,7 @@ def pose_errors(
     rot_err = torch.rad2deg(roma.rotmat_geodesic_distance(aligned[:, :, :3], gt[:, :, :3]))
     center = torch.zeros(3, dtype=torch.float64, device=pred.device) if scene_center is None else scene_center.to(pred)
     pred_dir, gt_dir = aligned[:, :, 3] - center, gt[:, :, 3] - center
-    cosine = torch.nn.functional.cosine_similarity(pred_dir, gt_dir, dim=1).clamp(-1.0, 1.0)
-    center_angle = torch.rad2deg(torch.arccos(cosine))
+    center_angle = direction_angle_deg(pred_dir, gt_dir)
     errors = {
         **{k + "_deg": v for k, v in _mean_median("rot_err", rot_err).items()},
         f"within_{threshold_deg:g}deg": (rot_err <= threshold_deg).double().mean().item(),

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from gen_lifting.alignment import apply_alignment, fit_camera_alignment
+from gen_lifting.alignment import apply_alignment, direction_angle_deg, fit_camera_alignment
 
 
 def _encode_all(pipeline, images: Float[Tensor, "num height width 3"]):
@@ -111,9 +111,10 @@ def plot_pose_errors_by_noise(rows: List[Dict[str, float]], path, title: str = "
     plt.close(fig)
 
 
-def _angles_deg(a: Float[Tensor, "*batch 3"], b: Float[Tensor, "*batch 3"]) -> Tensor:
-    cos = (torch.nn.functional.normalize(a, dim=-1) * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
-    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+def mean_pairwise_angle_deg(centres: Float[Tensor, "num 3"]) -> float:
+    """Mean angle (deg), seen from the origin, between two of these camera centres."""
+    i, j = torch.triu_indices(len(centres), len(centres), offset=1)
+    return direction_angle_deg(centres[i], centres[j]).mean().item()
 
 
 @torch.no_grad()
@@ -140,7 +141,5 @@ def camera_spread(pipeline) -> Dict[str, float]:
             pipeline.train()
     centres = candidates[..., :3, 3]  # [n, k, 3]
     top = centres[torch.arange(len(centres)), scores.argmax(dim=1)]
-    pairs = torch.triu_indices(len(top), len(top), offset=1)
-    spread = _angles_deg(top[pairs[0]], top[pairs[1]]).mean()
-    moves = _angles_deg(centres, centres.mean(dim=0, keepdim=True).expand_as(centres)).median(dim=0).values
-    return {"top_spread_deg": spread.item(), "candidate_dependence_deg": moves.median().item()}
+    moves = direction_angle_deg(centres, centres.mean(dim=0, keepdim=True).expand_as(centres)).median(dim=0).values
+    return {"top_spread_deg": mean_pairwise_angle_deg(top), "candidate_dependence_deg": moves.median().item()}

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from pose_structure import mean_pairwise_angle_deg, structure  # noqa: E402
+from pose_structure import structure  # noqa: E402
 
 
 def _centres(n: int = 60, seed: int = 0) -> np.ndarray:
@@ -38,6 +38,11 @@ def test_rotated_mirrored_and_scrambled_sets():
 
 
 def test_mean_pairwise_angle():
-    square = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])  # 90, 180, 90 deg apart
+    """gen_lifting.diagnostics.mean_pairwise_angle_deg: the true cameras' spread this script prints."""
+    import torch
+
+    from gen_lifting.diagnostics import mean_pairwise_angle_deg
+
+    square = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)  # 90, 180, 90
     assert mean_pairwise_angle_deg(3.0 * square) == pytest.approx(120.0)
-    assert mean_pairwise_angle_deg(np.ones((4, 3))) == pytest.approx(0.0, abs=1e-4)
+    assert mean_pairwise_angle_deg(torch.ones(4, 3, dtype=torch.float64)) == pytest.approx(0.0, abs=1e-4)
