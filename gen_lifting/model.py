@@ -46,6 +46,7 @@ from gen_lifting.occupancy import OccupancySampling, OccupancySamplingConfig
 from gen_lifting.pose_encoder import PoseEncoderConfig
 from gen_lifting.proposal import ProposalSampling, ProposalSamplingConfig
 from gen_lifting.refinement import CorrectionPivot, PoseRefinement, frozen_parameters
+from gen_lifting.synthetic_views import nearest_candidate_loss
 
 
 FieldConfig = Union[
@@ -104,6 +105,19 @@ class GenLiftingModelConfig(ModelConfig):
     asked for the exact pose where it can see the photo, not where x_t is mostly noise. Aim: the encoder alone
     poses new photos about as well as the refinement did. The refined cameras are the model's own (no dataset pose
     is read)."""
+    synthetic_pose_views: int = 0
+    """Ours (0 = off; needs pose refinement): during refinement the encoder also learns from this many renders of the
+    field at directions of refined training cameras jittered by up to ``synthetic_pose_jitter_deg``, each labelled
+    with its own camera (no dataset pose; gen_lifting/synthetic_views.py): views between the photos, so that the
+    encoder alone poses new photos better. Each step noises ``images_per_batch`` of them like the photos."""
+    synthetic_pose_refresh_steps: int = 250
+    """Re-render the synthetic views every this many steps (the field sharpens during refinement)."""
+    synthetic_pose_jitter_deg: float = 15.0
+    """Largest angle (on the sphere about the origin) between a synthetic view and the refined camera it is drawn
+    near (lego's 100 training cameras are ~14 deg apart)."""
+    synthetic_pose_mult: float = 1.0
+    """Weight of the synthetic views' pose loss (alpha_bar-weighted squared chord between the nearest candidate's
+    direction and the label; their score loss is weighted by ``ce_loss_mult`` like the photos')."""
     field: tyro.conf.AvoidSubcommands[FieldConfig] = field(default_factory=GridFieldConfig)
     """Radiance field: a dense voxel grid (CPU presets) or nerfstudio's NerfactoField (gen-lifting-gpu; tinycudann
     when installed). The method picks the kind; its flags are ``--pipeline.model.field.*``."""
@@ -371,6 +385,9 @@ class GenLiftingModel(Model):
             if self.config.refinement_distill_mult > 0:
                 outputs["distill_pred"] = best
                 outputs["distill_target"] = refined_c2w.detach()
+        if "synthetic_x_t" in batch and self.training:  # self-labelled renders (gen_lifting/synthetic_views.py)
+            outputs["synthetic_c2w"], outputs["synthetic_scores"] = self.pose_encoder(batch["synthetic_x_t"],
+                                                                                     batch["synthetic_t"])
         for key in ("weights_list", "ray_samples_list"):  # proposal sampling: its loss on the field's training render
             if key in render:
                 outputs[key] = render[key]
@@ -440,6 +457,10 @@ class GenLiftingModel(Model):
             self.pose_refinement.camera_optimizer.get_metrics_dict(metrics)
             if "reselected" in outputs:
                 metrics["refined_reselected"] = outputs["reselected"].float()
+        if "synthetic_c2w" in outputs:  # how far the encoder's nearest candidate is from a synthetic view's camera
+            _, _, angle = nearest_candidate_loss(outputs["synthetic_c2w"].detach(), batch["synthetic_direction"],
+                                                 batch["synthetic_alpha_bar"])
+            metrics["synthetic_nearest_deg"] = angle.median()
         k = outputs["scores"].shape[1]
         if k > 1:
             metrics["score_argmax_is_argmin"] = (outputs["scores"].argmax(1) == outputs["winner"]).float().mean()
@@ -459,6 +480,13 @@ class GenLiftingModel(Model):
         if "distill_pred" in outputs:
             per_image = (outputs["distill_pred"] - outputs["distill_target"]).pow(2).mean(dim=(1, 2))
             loss["pose_distill_loss"] = self.config.refinement_distill_mult * (batch["alpha_bar"] * per_image).mean()
+        if "synthetic_c2w" in outputs:
+            pose, nearest, _ = nearest_candidate_loss(outputs["synthetic_c2w"], batch["synthetic_direction"],
+                                                      batch["synthetic_alpha_bar"])
+            loss["synthetic_pose_loss"] = self.config.synthetic_pose_mult * pose
+            if self.config.ce_loss_mult > 0:
+                loss["synthetic_score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(
+                    outputs["synthetic_scores"], nearest)
         if outputs["scores"].shape[1] > 1 and self.config.ce_loss_mult > 0:
             loss["score_ce_loss"] = self.config.ce_loss_mult * F.cross_entropy(outputs["scores"], outputs["winner"])
         if self.proposal is not None and "weights_list" in outputs:

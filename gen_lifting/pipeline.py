@@ -34,6 +34,7 @@ from gen_lifting.data_checks import SceneDataError, check_scene_kind
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.model import GenLiftingModelConfig
 from gen_lifting.refinement import refine_poses
+from gen_lifting.synthetic_views import SyntheticViews, render_synthetic_views
 
 
 @dataclass
@@ -78,6 +79,15 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
     if not 0 <= ratio < 1:
         raise guards.FlagError(f"--pipeline.model.pose-refinement-reselect-ratio must be in [0, 1) (0 = off), "
                                f"got {ratio}")
+    if model.synthetic_pose_views < 0 or model.synthetic_pose_refresh_steps < 1:
+        raise guards.FlagError("--pipeline.model.synthetic-pose-views must be >= 0 (0 = off) and "
+                               "--pipeline.model.synthetic-pose-refresh-steps >= 1, got "
+                               f"{model.synthetic_pose_views} and {model.synthetic_pose_refresh_steps}")
+    if model.synthetic_pose_views > 0 and (model.pose_refinement_start_step == 0
+                                           or model.pose_encoder.mode != "candidates"):
+        raise guards.FlagError("--pipeline.model.synthetic-pose-views renders views near the refined cameras of a 360 "
+                               "scene: set --pipeline.model.pose-refinement-start-step N too, with the candidates "
+                               "pose encoder (not the forward-facing 'single' one)")
     if ratio > 0 and model.pose_refinement_start_step == 0:
         raise guards.FlagError("--pipeline.model.pose-refinement-reselect-ratio acts during pose refinement: set "
                                "--pipeline.model.pose-refinement-start-step N too")
@@ -106,6 +116,10 @@ class GenLiftingPipeline(VanillaPipeline):
             self.world_size = self.datamanager.world_size = world_size
             self._model = DDP(self._model, find_unused_parameters=True)
         self.model.intrinsics.copy_(self.datamanager.intrinsics.to(self.model.intrinsics))
+        self.synthetic_views: Optional[SyntheticViews] = None
+        """Self-labelled renders for the encoder (``synthetic_pose_views``), re-rendered every
+        ``synthetic_pose_refresh_steps`` during refinement; not saved (a resumed run renders them again)."""
+        self.synthetic_rendered_at = -1
         self.train_candidates: Optional[Tensor] = None
         """Winning candidate of each training photo at the last ``show_predicted_poses`` (None for the oracle)."""
         self.show_predicted_poses()
@@ -141,6 +155,9 @@ class GenLiftingPipeline(VanillaPipeline):
         if self.model.pose_refinement is not None:
             callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                                               self.maybe_start_pose_refinement))
+        if self.model.config.synthetic_pose_views > 0:
+            callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                                              self.maybe_render_synthetic_views))
         guard = guards.nonfinite_guard(training_callback_attributes)
         return callbacks + ([guard] if guard is not None else [])
 
@@ -156,9 +173,35 @@ class GenLiftingPipeline(VanillaPipeline):
         refinement.start(self.show_predicted_poses()["train"])
         return True
 
+    def maybe_render_synthetic_views(self, step: int) -> bool:
+        """During refinement, (re-)render the encoder's self-labelled views when they are missing or
+        ``synthetic_pose_refresh_steps`` old (gen_lifting/synthetic_views.py). Returns whether it rendered now."""
+        cfg = self.model.config
+        if not self.model.refining or (self.synthetic_views is not None
+                                       and step - self.synthetic_rendered_at < cfg.synthetic_pose_refresh_steps):
+            return False
+        assert self.model.pose_refinement is not None
+        generator = self.datamanager._generator(stream=3, index=step)
+        self.synthetic_views = render_synthetic_views(self.model, self.model.pose_refinement.c2w().detach(),
+                                                      cfg.synthetic_pose_views, cfg.synthetic_pose_jitter_deg,
+                                                      generator)
+        self.synthetic_rendered_at = step
+        return True
+
+    def add_synthetic_views(self, batch: Dict[str, Tensor], step: int) -> None:
+        """Noised synthetic views and their labels for this step, drawn like the photos (t from the curriculum) from a
+        random stream of their own, so the photos' batches are the same with and without them."""
+        views, dm = self.synthetic_views, self.datamanager
+        assert views is not None
+        sub = dm.sample_batch(views.images, dm.config.images_per_batch, dm._generator(stream=2, index=step), step=step)
+        batch.update(synthetic_x_t=sub["x_t"], synthetic_t=sub["t"], synthetic_alpha_bar=sub["alpha_bar"],
+                     synthetic_direction=views.directions[sub["image_idx"]])
+
     @profiler.time_function
     def get_train_loss_dict(self, step: int):
         _, batch = self.datamanager.next_train(step)
+        if self.synthetic_views is not None and self.model.refining:
+            self.add_synthetic_views(batch, step)
         outputs = self._model(batch)  # the DDP wrapper when world_size > 1
         metrics = self.model.get_metrics_dict(outputs, batch)
         loss = self.model.get_loss_dict(outputs, batch, metrics)
