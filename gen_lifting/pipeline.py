@@ -83,6 +83,10 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
         raise guards.FlagError("--pipeline.model.synthetic-pose-views must be >= 0 (0 = off) and "
                                "--pipeline.model.synthetic-pose-refresh-steps >= 1, got "
                                f"{model.synthetic_pose_views} and {model.synthetic_pose_refresh_steps}")
+    if not (0 <= model.synthetic_pose_jitter_deg <= 180 and model.synthetic_pose_mult >= 0):
+        raise guards.FlagError("--pipeline.model.synthetic-pose-jitter-deg must be in [0, 180] and "
+                               "--pipeline.model.synthetic-pose-mult >= 0, got "
+                               f"{model.synthetic_pose_jitter_deg} and {model.synthetic_pose_mult}")
     if model.synthetic_pose_views > 0 and (model.pose_refinement_start_step == 0
                                            or model.pose_encoder.mode != "candidates"):
         raise guards.FlagError("--pipeline.model.synthetic-pose-views renders views near the refined cameras of a 360 "
@@ -177,7 +181,7 @@ class GenLiftingPipeline(VanillaPipeline):
         """During refinement, (re-)render the encoder's self-labelled views when they are missing or
         ``synthetic_pose_refresh_steps`` old (gen_lifting/synthetic_views.py). Returns whether it rendered now."""
         cfg = self.model.config
-        if not self.model.refining or (self.synthetic_views is not None
+        if cfg.synthetic_pose_views <= 0 or not self.model.refining or (self.synthetic_views is not None
                                        and step - self.synthetic_rendered_at < cfg.synthetic_pose_refresh_steps):
             return False
         assert self.model.pose_refinement is not None

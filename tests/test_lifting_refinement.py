@@ -361,13 +361,15 @@ def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_le
 
 
 def test_ns_train_two_iterations_with_refinement(tmp_path, tiny_lego):
-    """ns-train's main with both options on: the checkpoint carries the started snapshot and the corrections."""
+    """ns-train's main with both options on (and the synthetic views, rendered and trained on at step 1): the
+    checkpoint carries the started snapshot and the corrections."""
     import tyro
     from nerfstudio.scripts.train import main
 
     base = tiny_config(tiny_lego)
     config = tyro.cli(type(base), default=base, args=["--pipeline.model.pose-refinement-start-step", "1",
-                                                      "--pipeline.test-time-refine-steps", "2"])
+                                                      "--pipeline.test-time-refine-steps", "2",
+                                                      "--pipeline.model.synthetic-pose-views", "2"])
     config.max_num_iterations, config.vis, config.output_dir = 2, "tensorboard", tmp_path / "outputs"
     main(config)
     ckpt = next((tmp_path / "outputs").rglob("step-*.ckpt"))
@@ -496,3 +498,92 @@ def test_camera_opt_rate_is_constant_by_default_can_decay_and_its_state_loads_we
     assert rates(cfg["scheduler"], steps) == pytest.approx([3e-3] * 5)
     cfg["scheduler"].lr_final, cfg["scheduler"].warmup_steps = 3e-4, 2000
     assert rates(cfg["scheduler"], steps) == pytest.approx([3e-3, 3e-3, 3e-3, math.sqrt(3e-3 * 3e-4), 3e-4])
+
+
+# ------------------------------------------------------------------------------ synthetic views (ours, off by default)
+def test_jittered_directions_stay_within_the_cap_and_above_the_horizon():
+    from gen_lifting.synthetic_views import jitter_directions
+
+    base = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.05], [0.0, 0.0, 1.0], [0.3, -0.4, 0.5]]), dim=-1)
+    base = base.repeat(400, 1)
+    moved = jitter_directions(base, 15.0, torch.Generator().manual_seed(0), upper=True)
+    assert torch.allclose(moved.norm(dim=-1), torch.ones(len(moved)), atol=1e-5)
+    assert (moved[:, 2] >= 0).all()  # the first direction sits 3 deg above the horizon: many were mirrored back up
+    # mirroring can only bring a direction closer to its (upper) source, so every angle stays within the cap
+    angle = torch.rad2deg(torch.acos((moved * base).sum(-1).clamp(-1, 1)))
+    assert angle.max() <= 15.0 + 1e-3 and angle.median() > 7.0  # area-uniform: median ~ 15 / sqrt(2) = 10.6
+    assert torch.equal(jitter_directions(base, 0.0, torch.Generator().manual_seed(0), upper=True), base)
+
+
+def test_nearest_candidate_loss_targets_the_closest_candidate_weighted_by_signal():
+    from gen_lifting.cameras import look_at_origin
+    from gen_lifting.synthetic_views import nearest_candidate_loss
+
+    label = torch.tensor([[0.0, 0.0, 1.0]])
+    tilt = math.radians(10.0)
+    dirs = torch.tensor([[math.sin(tilt), 0.0, math.cos(tilt)], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    cands = look_at_origin(4.0 * dirs)[None]  # the radius does not matter: directions are compared
+    loss, nearest, angle = nearest_candidate_loss(cands, label, torch.ones(1))
+    assert nearest.tolist() == [0] and angle.item() == pytest.approx(10.0, abs=1e-3)
+    assert loss.item() == pytest.approx(2 - 2 * math.cos(tilt), rel=1e-4)  # squared chord
+    assert nearest_candidate_loss(cands, label, torch.zeros(1))[0].item() == 0.0
+
+
+def synthetic_pipeline(data: Path, views: int):
+    config = tiny_config(data)
+    config.pipeline.model.pose_refinement_start_step = 1
+    config.pipeline.model.synthetic_pose_views = views
+    config.pipeline.model.synthetic_pose_refresh_steps = 2
+    torch.manual_seed(0)
+    return config.pipeline.setup(device="cpu", test_mode="val")
+
+
+def test_synthetic_views_train_the_encoder_only_and_leave_the_refined_branch_bit_identical(tiny_lego):
+    """The bank is rendered once refinement has started and re-rendered every refresh; its loss reaches the encoder
+    alone, and the photos' batches, the field and the refined cameras are exactly those of a run without it."""
+    runs = {}
+    for views in (0, 5):
+        pipe = synthetic_pipeline(tiny_lego, views)
+        pipe.train()
+        assert not pipe.maybe_render_synthetic_views(0)  # refinement has not started: nothing to render near
+        assert pipe.maybe_start_pose_refinement(1)
+        opt = torch.optim.Adam(pipe.model.parameters(), lr=1e-2)
+        torch.manual_seed(5)
+        for step in (1, 2, 3):
+            rendered = pipe.maybe_render_synthetic_views(step)
+            assert rendered == (views > 0 and step in (1, 3))  # refresh every 2 steps
+            _, loss, metrics = pipe.get_train_loss_dict(step)
+            if views:
+                assert loss["synthetic_pose_loss"] > 0 and "synthetic_score_ce_loss" in loss
+                assert 0 <= metrics["synthetic_nearest_deg"] <= 180
+                grads = torch.autograd.grad(loss["synthetic_pose_loss"] + loss["synthetic_score_ce_loss"],
+                                            [pipe.model.pose_encoder.direction_head.weight,
+                                             pipe.model.pose_refinement.camera_optimizer.pose_adjustment,
+                                             pipe.model.field.density_grid], allow_unused=True, retain_graph=True)
+                assert grads[0].abs().sum() > 0 and grads[1] is None and grads[2] is None
+            else:
+                assert pipe.synthetic_views is None and not any("synthetic" in key for key in loss)
+            opt.zero_grad()
+            sum(loss.values()).backward()
+            opt.step()
+        if views:
+            h, w = pipe.datamanager.train_images.shape[1:3]
+            bank = pipe.synthetic_views
+            assert bank.images.shape == (5, h, w, 3) and 0 <= bank.images.min() and bank.images.max() <= 1
+        runs[views] = (pipe.model.pose_refinement.c2w().detach(), pipe.model.field.density_grid.detach().clone())
+    assert torch.equal(runs[0][0], runs[5][0]) and torch.equal(runs[0][1], runs[5][1])
+
+
+def test_synthetic_view_flags_are_checked():
+    from gen_lifting.guards import FlagError
+
+    config = tiny_config(Path("unused"))
+    model = config.pipeline.model
+    model.synthetic_pose_views = 8
+    with pytest.raises(FlagError, match="pose-refinement-start-step"):
+        type(config.pipeline)(model=model)
+    model.pose_refinement_start_step = 10
+    type(config.pipeline)(model=model)
+    model.synthetic_pose_jitter_deg = -1.0
+    with pytest.raises(FlagError, match="jitter"):
+        type(config.pipeline)(model=model)
