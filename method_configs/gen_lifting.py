@@ -126,10 +126,16 @@ gen_lifting_refine = MethodSpecification(
     # 0.91 / 3.60 / 1.25 / 1.14 / 1.86 deg (train), held-out PSNR 24.10 / 22.85 / 24.08 / 24.68 / 22.69 dB vs 24.88
     # for the true-pose oracle (docs/lifting.md, "Random routes that train the field only"; the TV decay's effect:
     # "Decaying the TV prior").
-    config=make_config("gen-lifting-refine", model=cpu_model(pose_refinement_start_step=2000, **TV_DECAY),
+    # From 2026-12-07 the encoder also learns, during refinement, from 64 renders of the field at jittered refined
+    # cameras (gen_lifting/synthetic_views.py; the refined cameras and field are bit-identical with and without):
+    # lego seeds 9 / 10 / 11, held-out encoder median 12.4 / 7.6 / 13.1 -> 7.5 / 7.5 / 6.0 deg (weight 1), seeds 9 /
+    # 10 at weight 4: 6.3 / 6.9 (docs/lifting.md, "The encoder learns from the field's own renders").
+    config=make_config("gen-lifting-refine", model=cpu_model(pose_refinement_start_step=2000, synthetic_pose_views=64,
+                                                             synthetic_pose_mult=4.0, **TV_DECAY),
                        test_time_refine_steps=100),
     description="gen-lifting, then (ours) pose refinement from step 2000 with nerfstudio's CameraOptimizer, the TV "
-                "prior decayed to 0 by step 3000, and iNeRF-like refinement of held-out poses.",
+                "prior decayed to 0 by step 3000, the encoder also trained on the field's renders at jittered "
+                "refined cameras, and iNeRF-like refinement of held-out poses.",
 )
 
 gen_lifting_ae = MethodSpecification(

@@ -454,8 +454,8 @@ def test_reselect_flag_is_checked():
 
 
 def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
-    """``ns-train gen-lifting-refine``: the thesis preset with the two refinement settings and the TV prior's decay
-    from the refinement's start, nothing else changed."""
+    """``ns-train gen-lifting-refine``: the thesis preset with the two refinement settings, the TV prior's decay
+    from the refinement's start and the encoder's synthetic views during refinement, nothing else changed."""
     import copy
     import dataclasses
 
@@ -467,6 +467,9 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     assert refine.pipeline.model.tv_decay_start_step == 2000 and refine.pipeline.model.tv_decay_steps == 1000
     refine.pipeline.model.pose_refinement_start_step, refine.pipeline.test_time_refine_steps = 0, 0
     refine.pipeline.model.tv_decay_start_step = base.pipeline.model.tv_decay_start_step
+    assert refine.pipeline.model.synthetic_pose_views == 64 and refine.pipeline.model.synthetic_pose_mult == 4.0
+    refine.pipeline.model.synthetic_pose_views = base.pipeline.model.synthetic_pose_views
+    refine.pipeline.model.synthetic_pose_mult = base.pipeline.model.synthetic_pose_mult
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 
