@@ -194,7 +194,8 @@ class GenLiftingPipeline(VanillaPipeline):
 
     def add_synthetic_views(self, batch: Dict[str, Tensor], step: int) -> None:
         """Noised synthetic views and their labels for this step, drawn like the photos (t from the curriculum) from a
-        random stream of their own, so the photos' batches are the same with and without them."""
+        random stream of their own, so the photos' batches are the same with and without them. (Every process of a
+        multi-GPU run renders and draws the same views; only its photos differ.)"""
         views, dm = self.synthetic_views, self.datamanager
         assert views is not None
         sub = dm.sample_batch(views.images, dm.config.images_per_batch, dm._generator(stream=2, index=step), step=step)
