@@ -205,7 +205,7 @@ class GenLiftingPipeline(VanillaPipeline):
     @profiler.time_function
     def get_train_loss_dict(self, step: int):
         _, batch = self.datamanager.next_train(step)
-        if self.synthetic_views is not None and self.model.refining:
+        if self.synthetic_views is not None:  # only rendered once refinement has started, which never stops
             self.add_synthetic_views(batch, step)
         outputs = self._model(batch)  # the DDP wrapper when world_size > 1
         metrics = self.model.get_metrics_dict(outputs, batch)
