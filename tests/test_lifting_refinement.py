@@ -324,8 +324,9 @@ def test_refinement_flags_are_checked():
 
 
 def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_lego):
-    """Both options set with ns-train's flags; 3 steps of nerfstudio's Trainer (refinement from step 1); the
-    checkpoint loaded the way ns-eval / the gen-lifting commands load it gives the in-memory numbers."""
+    """Both options set with ns-train's flags, and the encoder's synthetic views; 3 steps of nerfstudio's Trainer
+    (refinement from step 1); the checkpoint loaded the way ns-eval / the gen-lifting commands load it gives the
+    in-memory numbers (encoder and refined poses alike), and the synthetic views, training-only, are not in it."""
     import tyro
 
     from gen_lifting.inference import load_pipeline
@@ -333,8 +334,9 @@ def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_le
     base = tiny_config(tiny_lego)
     config = tyro.cli(type(base), default=base, args=[
         "--pipeline.model.pose-refinement-start-step", "1", "--pipeline.test-time-refine-steps", "3",
-        "--optimizers.camera-opt.optimizer.lr", "1e-2"])
+        "--optimizers.camera-opt.optimizer.lr", "1e-2", "--pipeline.model.synthetic-pose-views", "2"])
     assert config.pipeline.model.pose_refinement_start_step == 1 and config.pipeline.test_time_refine_steps == 3
+    assert config.pipeline.model.synthetic_pose_views == 2
     config.max_num_iterations, config.vis, config.output_dir = 3, "tensorboard", tmp_path / "outputs"
     config.steps_per_eval_image = config.steps_per_eval_batch = 10**9
     config.set_timestamp()
@@ -346,6 +348,7 @@ def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_le
     pipe = trainer.pipeline
     assert pipe.model.pose_refinement.is_started
     assert pipe.model.pose_refinement.camera_optimizer.pose_adjustment.abs().sum() > 0  # corrections trained
+    assert pipe.synthetic_views is not None and pipe.synthetic_views.images.shape[0] == 2  # rendered and trained on
     in_memory = pipe.get_average_eval_image_metrics()
     for key in ("psnr", "psnr_refined", "rot_err_median_deg", "refined_rot_err_median_deg",
                 "refined_within_15deg", "test_rot_err_median_deg", "test_refined_rot_err_median_deg",
@@ -353,6 +356,9 @@ def test_ns_train_flags_then_loaded_run_evaluates_as_in_memory(tmp_path, tiny_le
         assert key in in_memory, key
     loaded = load_pipeline(config.get_base_dir() / "config.yml", test_mode="val")
     assert loaded.config.test_time_refine_steps == 3
+    assert loaded.synthetic_views is None  # training-only: a resumed run renders them again
+    ckpt = next(config.get_checkpoint_dir().glob("step-*.ckpt"))
+    assert not any("synthetic" in key for key in torch.load(ckpt, map_location="cpu", weights_only=True)["pipeline"])
     metrics = loaded.get_average_eval_image_metrics()
     assert metrics.keys() == in_memory.keys()
     for key, value in in_memory.items():
