@@ -25,6 +25,7 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import profiler
+from nerfstudio.utils.rich_utils import CONSOLE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -34,7 +35,7 @@ from gen_lifting.data_checks import SceneDataError, check_scene_kind
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.model import GenLiftingModelConfig
 from gen_lifting.refinement import refine_poses
-from gen_lifting.synthetic_views import SyntheticViews, render_synthetic_views
+from gen_lifting.synthetic_views import SyntheticViews, jitter_for, render_synthetic_views
 
 
 @dataclass
@@ -83,10 +84,12 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
         raise guards.FlagError("--pipeline.model.synthetic-pose-views must be >= 0 (0 = off) and "
                                "--pipeline.model.synthetic-pose-refresh-steps >= 1, got "
                                f"{model.synthetic_pose_views} and {model.synthetic_pose_refresh_steps}")
-    if not (0 <= model.synthetic_pose_jitter_deg <= 180 and model.synthetic_pose_mult >= 0):
+    if not (0 <= model.synthetic_pose_jitter_deg <= 180 and model.synthetic_pose_mult >= 0
+            and model.synthetic_pose_jitter_gap_mult >= 0):
         raise guards.FlagError("--pipeline.model.synthetic-pose-jitter-deg must be in [0, 180] and "
-                               "--pipeline.model.synthetic-pose-mult >= 0, got "
-                               f"{model.synthetic_pose_jitter_deg} and {model.synthetic_pose_mult}")
+                               "--pipeline.model.synthetic-pose-mult and -jitter-gap-mult >= 0, got "
+                               f"{model.synthetic_pose_jitter_deg}, {model.synthetic_pose_mult} and "
+                               f"{model.synthetic_pose_jitter_gap_mult}")
     if model.synthetic_pose_views > 0 and (model.pose_refinement_start_step == 0
                                            or model.pose_encoder.mode != "candidates"):
         raise guards.FlagError("--pipeline.model.synthetic-pose-views renders views near the refined cameras of a 360 "
@@ -186,9 +189,12 @@ class GenLiftingPipeline(VanillaPipeline):
             return False
         assert self.model.pose_refinement is not None
         generator = self.datamanager._generator(stream=3, index=step)
-        self.synthetic_views = render_synthetic_views(self.model, self.model.pose_refinement.c2w().detach(),
-                                                      cfg.synthetic_pose_views, cfg.synthetic_pose_jitter_deg,
-                                                      generator)
+        c2w = self.model.pose_refinement.c2w().detach()
+        jitter = jitter_for(c2w[:, :3, 3], cfg.synthetic_pose_jitter_deg, cfg.synthetic_pose_jitter_gap_mult)
+        if self.synthetic_views is None:
+            CONSOLE.log(f"gen-lifting: synthetic views for the encoder: {cfg.synthetic_pose_views} renders every "
+                          f"{cfg.synthetic_pose_refresh_steps} steps, jittered up to {jitter:.1f} deg")
+        self.synthetic_views = render_synthetic_views(self.model, c2w, cfg.synthetic_pose_views, jitter, generator)
         self.synthetic_rendered_at = step
         return True
 

@@ -5,7 +5,8 @@ far more precise than the encoder's own poses (about 1-2 deg against 6-16 on leg
 poses only from the training photos, and pulling it toward their refined poses lowered its error on those photos but
 not on held-out ones (docs/lifting.md, "Teaching the encoder the refined poses"): it does not generalise from ~100
 views. Here the field renders a bank of views at cameras *between* the photos: directions of refined training cameras
-jittered on the sphere, looking at the origin with zero roll like the encoder's candidates (gen_lifting/cameras.py).
+jittered on the sphere (by a fixed angle, or by a multiple of the photos' spacing where that is wider:
+``jitter_for``), looking at the origin with zero roll like the encoder's candidates (gen_lifting/cameras.py).
 Each render's camera is its label, known by construction; no dataset pose is read. The encoder then also learns, on
 noised copies of those renders, to put its nearest candidate on the render's direction and to score that candidate
 highest (``nearest_candidate_loss``). The bank is re-rendered every few hundred steps as the field sharpens; it is not
@@ -32,6 +33,27 @@ class SyntheticViews:
 
     images: Float[Tensor, "num height width 3"]
     directions: Float[Tensor, "num 3"]
+    max_angle_deg: float
+    """The jitter they were drawn with."""
+
+
+def neighbour_gap_deg(centres: Float[Tensor, "num 3"]) -> float:
+    """Median over cameras of the angle (deg, about the origin) to the nearest other camera: how far apart the photos
+    are. Lego's 100 training cameras: ~6 deg; 25 of them: ~16."""
+    d = F.normalize(centres.float(), dim=-1)
+    if d.shape[0] < 2:
+        return 0.0
+    cos = (d @ d.T).clamp(-1, 1)
+    cos.fill_diagonal_(-1.0)
+    return math.degrees(torch.arccos(cos.max(dim=1).values).median().item())
+
+
+def jitter_for(centres: Float[Tensor, "num 3"], floor_deg: float, gap_mult: float) -> float:
+    """The synthetic views' jitter: ``floor_deg``, or ``gap_mult`` x the cameras' neighbour gap when that is larger
+    (sparse photo sets leave wider holes between the photos), at most 180 deg. ``gap_mult`` 0: ``floor_deg``."""
+    if gap_mult <= 0:
+        return floor_deg
+    return min(180.0, max(floor_deg, gap_mult * neighbour_gap_deg(centres)))
 
 
 def jitter_directions(
@@ -76,7 +98,8 @@ def render_synthetic_views(
                 images.append(model.get_outputs_for_camera(cameras[i:i + 1])["rgb"].clamp(0, 1))
         finally:
             model.train(was_training)
-    return SyntheticViews(images=torch.stack(images), directions=directions.to(refined_c2w.device))
+    return SyntheticViews(images=torch.stack(images), directions=directions.to(refined_c2w.device),
+                          max_angle_deg=max_angle_deg)
 
 
 def nearest_candidate_loss(
