@@ -115,10 +115,11 @@ class GenLiftingModelConfig(ModelConfig):
     synthetic_pose_jitter_deg: float = 15.0
     """Largest angle (on the sphere about the origin) between a synthetic view and the refined camera it is drawn
     near (lego's 100 training cameras lie ~6 deg from their nearest neighbour; held-out views fall between them)."""
-    synthetic_pose_jitter_gap_mult: float = 0.0
-    """Ours (0 = off: the jitter is ``synthetic_pose_jitter_deg``): at each render the jitter becomes this many times
-    the refined training cameras' median angle to their nearest neighbour where that is larger, so that sparse photo
-    sets get views across their wider gaps (lego with 25 views: ~16 deg apart, 2x = ~31; 100 views: 2x = ~13 < 15)."""
+    synthetic_pose_jitter_spacing_mult: float = 0.0
+    """Ours (0 = off: the jitter is ``synthetic_pose_jitter_deg``): the jitter becomes this many times the spacing of
+    the training photos spread evenly over the candidates' layout, sqrt(2 pi / N) rad on the upper hemisphere, where
+    that is larger, so that sparse photo sets get views across their wider gaps (100 photos: 14.4 deg, under the
+    15-deg floor; 25: 28.7)."""
     synthetic_pose_mult: float = 1.0
     """Weight of the synthetic views' pose loss (alpha_bar-weighted squared chord between the nearest candidate's
     direction and the label; their score loss is weighted by ``ce_loss_mult`` like the photos')."""

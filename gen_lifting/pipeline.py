@@ -85,11 +85,11 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
                                "--pipeline.model.synthetic-pose-refresh-steps >= 1, got "
                                f"{model.synthetic_pose_views} and {model.synthetic_pose_refresh_steps}")
     if not (0 <= model.synthetic_pose_jitter_deg <= 180 and model.synthetic_pose_mult >= 0
-            and model.synthetic_pose_jitter_gap_mult >= 0):
+            and model.synthetic_pose_jitter_spacing_mult >= 0):
         raise guards.FlagError("--pipeline.model.synthetic-pose-jitter-deg must be in [0, 180] and "
-                               "--pipeline.model.synthetic-pose-mult and -jitter-gap-mult >= 0, got "
+                               "--pipeline.model.synthetic-pose-mult and -jitter-spacing-mult >= 0, got "
                                f"{model.synthetic_pose_jitter_deg}, {model.synthetic_pose_mult} and "
-                               f"{model.synthetic_pose_jitter_gap_mult}")
+                               f"{model.synthetic_pose_jitter_spacing_mult}")
     if model.synthetic_pose_views > 0 and (model.pose_refinement_start_step == 0
                                            or model.pose_encoder.mode != "candidates"):
         raise guards.FlagError("--pipeline.model.synthetic-pose-views renders views near the refined cameras of a 360 "
@@ -190,7 +190,8 @@ class GenLiftingPipeline(VanillaPipeline):
         assert self.model.pose_refinement is not None
         generator = self.datamanager._generator(stream=3, index=step)
         c2w = self.model.pose_refinement.c2w().detach()
-        jitter = jitter_for(c2w[:, :3, 3], cfg.synthetic_pose_jitter_deg, cfg.synthetic_pose_jitter_gap_mult)
+        jitter = jitter_for(c2w.shape[0], self.model.pose_encoder.config.layout == "upper",
+                            cfg.synthetic_pose_jitter_deg, cfg.synthetic_pose_jitter_spacing_mult)
         if self.synthetic_views is None:
             CONSOLE.log(f"gen-lifting: synthetic views for the encoder: {cfg.synthetic_pose_views} renders every "
                           f"{cfg.synthetic_pose_refresh_steps} steps, jittered up to {jitter:.1f} deg")

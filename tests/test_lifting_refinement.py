@@ -525,20 +525,15 @@ def test_jittered_directions_stay_within_the_cap_and_above_the_horizon():
 
 
 def test_jitter_follows_the_photos_spacing_only_where_it_is_wider_than_the_floor():
-    from gen_lifting.synthetic_views import jitter_for, neighbour_gap_deg
+    from gen_lifting.synthetic_views import even_spacing_deg, jitter_for
 
-    def ring(count: int, elevation_deg: float = 30.0) -> torch.Tensor:  # cameras evenly spaced in azimuth
-        az, el = torch.arange(count) * 2 * math.pi / count, math.radians(elevation_deg)
-        return 4.0 * torch.stack([az.cos() * math.cos(el), az.sin() * math.cos(el), torch.full_like(az, math.sin(el))], -1)
-
-    # neighbours on a ring at 0 deg elevation are 360 / count deg apart; the radius does not matter
-    assert neighbour_gap_deg(ring(36, 0.0)) == pytest.approx(10.0, abs=1e-3)
-    assert neighbour_gap_deg(0.5 * ring(12, 0.0)) == pytest.approx(30.0, abs=1e-3)
-    assert neighbour_gap_deg(ring(1)) == 0.0
-    dense, sparse = ring(72, 0.0), ring(12, 0.0)  # 5 and 30 deg apart
-    assert jitter_for(dense, 15.0, 2.0) == 15.0  # 2 x 5 < 15: the floor, as with the rule off
-    assert jitter_for(sparse, 15.0, 2.0) == pytest.approx(60.0, abs=1e-3)
-    assert jitter_for(sparse, 15.0, 0.0) == 15.0 and jitter_for(sparse, 15.0, 100.0) == 180.0
+    # N cameras spread evenly over the upper hemisphere (2 pi sr) are sqrt(2 pi / N) rad apart; the sphere: 4 pi
+    assert even_spacing_deg(100, upper=True) == pytest.approx(14.36, abs=0.01)
+    assert even_spacing_deg(25, upper=True) == pytest.approx(28.72, abs=0.01)
+    assert even_spacing_deg(50, upper=False) == pytest.approx(even_spacing_deg(25, upper=True))
+    assert jitter_for(100, True, 15.0, 1.0) == 15.0  # 100 photos: under the floor, as with the rule off
+    assert jitter_for(25, True, 15.0, 1.0) == pytest.approx(28.72, abs=0.01)
+    assert jitter_for(25, True, 15.0, 0.0) == 15.0 and jitter_for(2, True, 15.0, 10.0) == 180.0
 
 
 def test_nearest_candidate_loss_targets_the_closest_candidate_weighted_by_signal():
@@ -600,26 +595,24 @@ def test_synthetic_views_train_the_encoder_only_and_leave_the_refined_branch_bit
     assert torch.equal(runs[0][0], runs[5][0]) and torch.equal(runs[0][1], runs[5][1])
 
 
-def test_synthetic_views_spread_over_the_gaps_between_sparse_refined_cameras(tiny_lego):
-    """With the gap rule the bank's jitter is read from the refined cameras at render time: cameras 40 deg apart
-    give views up to 80 deg from them (the 15-deg floor without it)."""
-    from gen_lifting.cameras import look_at_origin
+def test_synthetic_views_spread_wider_for_fewer_photos(tiny_lego):
+    """With the spacing rule the bank's jitter follows the photo count: the tiny scene's 6 training photos spread
+    over the upper hemisphere are 58.6 deg apart, so its views reach up to 58.6 deg from the refined cameras (the
+    15-deg floor without the rule)."""
+    from gen_lifting.synthetic_views import even_spacing_deg
 
-    for gap_mult, expected in ((0.0, 15.0), (2.0, 80.0)):
+    for spacing_mult in (0.0, 1.0):
         pipe = synthetic_pipeline(tiny_lego, 64)
-        pipe.model.config.synthetic_pose_jitter_gap_mult = gap_mult
-        refinement = pipe.model.pose_refinement
-        n = refinement.snapshot_c2w.shape[0]
-        az = torch.arange(n) * math.radians(40.0)  # on the horizon, 40 deg apart (wrapping round the ring)
-        ring = look_at_origin(4.0 * torch.stack([az.cos(), az.sin(), torch.zeros_like(az)], -1))
-        refinement.start(ring)
-        assert pipe.maybe_render_synthetic_views(1)
+        pipe.model.config.synthetic_pose_jitter_spacing_mult = spacing_mult
+        assert pipe.maybe_start_pose_refinement(1) and pipe.maybe_render_synthetic_views(1)
+        refined = torch.nn.functional.normalize(pipe.model.pose_refinement.c2w().detach()[:, :3, 3], dim=-1)
+        expected = even_spacing_deg(refined.shape[0], upper=True) if spacing_mult else 15.0
         bank = pipe.synthetic_views
-        assert bank.max_angle_deg == pytest.approx(expected, abs=0.5)
-        nearest = torch.rad2deg(torch.acos((bank.directions @ torch.nn.functional.normalize(ring[:, :3, 3], dim=-1).T).clamp(-1, 1)))
-        assert nearest.min(dim=1).values.max() <= expected + 0.5
-        if gap_mult:
-            assert nearest.min(dim=1).values.max() > 15.0 + 0.5  # some views fall in the gaps the floor leaves
+        assert bank.max_angle_deg == pytest.approx(expected) and (expected > 50.0) == bool(spacing_mult)
+        nearest = torch.rad2deg(torch.acos((bank.directions @ refined.T).clamp(-1, 1))).min(dim=1).values
+        assert nearest.max() <= expected + 0.5
+        if spacing_mult:
+            assert nearest.max() > 15.0 + 0.5  # views beyond the floor's reach
 
 
 def test_synthetic_view_flags_are_checked():
@@ -635,6 +628,6 @@ def test_synthetic_view_flags_are_checked():
     model.synthetic_pose_jitter_deg = -1.0
     with pytest.raises(FlagError, match="jitter"):
         type(config.pipeline)(model=model)
-    model.synthetic_pose_jitter_deg, model.synthetic_pose_jitter_gap_mult = 15.0, -2.0
-    with pytest.raises(FlagError, match="jitter-gap-mult"):
+    model.synthetic_pose_jitter_deg, model.synthetic_pose_jitter_spacing_mult = 15.0, -1.0
+    with pytest.raises(FlagError, match="jitter-spacing-mult"):
         type(config.pipeline)(model=model)
