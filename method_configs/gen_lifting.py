@@ -129,9 +129,13 @@ gen_lifting_refine = MethodSpecification(
     # From 2026-12-07 the encoder also learns, during refinement, from 64 renders of the field at jittered refined
     # cameras (gen_lifting/synthetic_views.py; the refined cameras and field are bit-identical with and without):
     # lego seeds 9 / 10 / 11, held-out encoder median 12.4 / 7.6 / 13.1 -> 7.5 / 7.5 / 6.0 deg (weight 1), seeds 9 /
-    # 10 at weight 4: 6.3 / 6.9 (docs/lifting.md, "The encoder learns from the field's own renders").
+    # 10 at weight 4: 6.3 / 6.9 (docs/lifting.md, "The encoder learns from the field's own renders"). Their jitter
+    # widens for sparse photo sets (1 x the even spacing of the photos, sqrt(2 pi / N): 28.7 deg for 25; 100 photos
+    # stay at the 15-deg floor, bit-identical): blocks with 25 views, seeds 0-2, held-out encoder median 9.1 / 7.6 /
+    # 10.2 -> 7.7 / 6.7 / 7.3 deg (docs/lifting.md, "Sparse photo sets need a wider jitter").
     config=make_config("gen-lifting-refine", model=cpu_model(pose_refinement_start_step=2000, synthetic_pose_views=64,
-                                                             synthetic_pose_mult=4.0, **TV_DECAY),
+                                                             synthetic_pose_mult=4.0,
+                                                             synthetic_pose_jitter_spacing_mult=1.0, **TV_DECAY),
                        test_time_refine_steps=100),
     description="gen-lifting, then (ours) pose refinement from step 2000 with nerfstudio's CameraOptimizer, the TV "
                 "prior decayed to 0 by step 3000, the encoder also trained on the field's renders at jittered "

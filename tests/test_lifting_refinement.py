@@ -476,6 +476,8 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     assert refine.pipeline.model.synthetic_pose_views == 64 and refine.pipeline.model.synthetic_pose_mult == 4.0
     refine.pipeline.model.synthetic_pose_views = base.pipeline.model.synthetic_pose_views
     refine.pipeline.model.synthetic_pose_mult = base.pipeline.model.synthetic_pose_mult
+    assert refine.pipeline.model.synthetic_pose_jitter_spacing_mult == 1.0
+    refine.pipeline.model.synthetic_pose_jitter_spacing_mult = base.pipeline.model.synthetic_pose_jitter_spacing_mult
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 
