@@ -194,7 +194,7 @@ class GenLiftingPipeline(VanillaPipeline):
                             cfg.synthetic_pose_jitter_deg, cfg.synthetic_pose_jitter_spacing_mult)
         if self.synthetic_views is None:
             CONSOLE.log(f"gen-lifting: synthetic views for the encoder: {cfg.synthetic_pose_views} renders every "
-                          f"{cfg.synthetic_pose_refresh_steps} steps, jittered up to {jitter:.1f} deg")
+                        f"{cfg.synthetic_pose_refresh_steps} steps, jittered up to {jitter:.1f} deg")
         self.synthetic_views = render_synthetic_views(self.model, c2w, cfg.synthetic_pose_views, jitter, generator)
         self.synthetic_rendered_at = step
         return True
