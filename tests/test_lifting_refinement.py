@@ -478,6 +478,8 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     refine.pipeline.model.synthetic_pose_mult = base.pipeline.model.synthetic_pose_mult
     assert refine.pipeline.model.synthetic_pose_jitter_spacing_mult == 1.0
     refine.pipeline.model.synthetic_pose_jitter_spacing_mult = base.pipeline.model.synthetic_pose_jitter_spacing_mult
+    assert refine.pipeline.model.pose_refinement_reselect_ratio == 0.5
+    refine.pipeline.model.pose_refinement_reselect_ratio = base.pipeline.model.pose_refinement_reselect_ratio
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 
