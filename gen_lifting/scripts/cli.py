@@ -223,8 +223,9 @@ class Demo:
     data: str = "lego"
     """Bundled scene name or path to a Blender-format scene."""
     method: str = "gen-lifting"
-    """gen-lifting (the thesis), gen-lifting-refine (ours: + pose refinement from step 2000, the encoder also trained
-    on the field's renders at jittered refined cameras, and 100 iNeRF-like steps per held-out photo; needs
+    """gen-lifting (the thesis), gen-lifting-refine (ours: + pose refinement from step 2000 that can jump back to the
+    encoder's best candidate, the encoder also trained on the field's renders at jittered refined cameras, and 100
+    iNeRF-like steps per held-out photo; needs
     --max-num-iterations above 2000 to refine training poses) or gen-lifting-ae."""
 
     def main(self) -> None:
