@@ -135,8 +135,8 @@ gen_lifting_refine = MethodSpecification(
     # 10.2 -> 7.7 / 6.7 / 7.3 deg (docs/lifting.md, "Sparse photo sets need a wider jitter").
     # A refined camera jumps to the encoder's best candidate when that renders its photo with < 0.5 x its error
     # (pose_refinement_reselect_ratio): on 25-view sets it brought the two runs whose refinement ended above 2 deg
-    # back (blocks25 seed 0 11.55 -> 0.58, lego25 seed 2 3.89 -> 1.16 deg); elsewhere refined medians moved by
-    # <= 0.15 deg; the encoder's held-out median was worse on 6 of 8 pairs (docs/lifting.md, R37).
+    # back (blocks25 seed 0 11.55 -> 0.58, lego25 seed 2 3.89 -> 1.16 deg); no other refined median got worse by
+    # more than 0.16 deg; the encoder's held-out median was worse on 7 of 9 pairs (docs/lifting.md, R37).
     config=make_config("gen-lifting-refine", model=cpu_model(pose_refinement_start_step=2000, synthetic_pose_views=64,
                                                              synthetic_pose_mult=4.0,
                                                              synthetic_pose_jitter_spacing_mult=1.0,
