@@ -75,13 +75,17 @@ def render_c2w(pipeline, c2w: Float[Tensor, "num 3 4"]) -> Float[Tensor, "num he
 
 @torch.no_grad()
 def predict_pose(pipeline, photo: Float[Tensor, "height width 3"]) -> Dict[str, object]:
-    """Pose one photo (small noise, one encoder pass), render it back from the predicted camera."""
+    """Pose one photo (small noise, one encoder pass), render it back from the predicted camera: the top-scoring
+    candidate, or with the run's ``--pipeline.candidate-check-pixels`` the one the field's check picks."""
     c2w_all, scores = pipeline.encode(photo[None])
     top = int(scores[0].argmax())
+    if pipeline.config.candidate_check_pixels > 0:
+        top = int(pipeline.predict_checked(photo[None])[1][0])
     render = render_c2w(pipeline, c2w_all[0, top : top + 1])[0]
     return {
         "c2w": c2w_all[0, top].cpu(),
         "candidate": top,
+        "rule": "field check" if pipeline.config.candidate_check_pixels > 0 else "top score",
         "probabilities": torch.softmax(scores[0], dim=0).cpu(),
         "candidates_c2w": c2w_all[0].cpu(),
         "render": render.cpu(),

@@ -346,14 +346,7 @@ class GenLiftingModel(Model):
         bsz, k = scores.shape
         explore = None  # photos routed to a random candidate this step (early exploration)
         if k > 1:
-            with torch.no_grad(), self.scoring_pass():
-                pix = batch["score_pixels"].repeat_interleave(k, dim=0)
-                cams = c2w.detach().reshape(bsz * k, 3, 4)
-                rows = max(1, self.config.score_chunk_rays // pix.shape[1])
-                rgb = torch.cat([self.render_pixels(cams[i:i + rows], pix[i:i + rows])
-                                 for i in range(0, bsz * k, rows)])
-                target = gather_pixels(batch["image"], batch["score_pixels"])
-                cand_err = (rgb.reshape(bsz, k, -1, 3) - target[:, None]).pow(2).mean(dim=(-1, -2))
+            cand_err = self.candidate_errors(c2w, batch["image"], batch["score_pixels"])
             winner = cand_err.argmin(dim=1)
             routed = winner
             p = self.route_prob() if self.training else 0.0
@@ -417,6 +410,22 @@ class GenLiftingModel(Model):
         out = {"rgb": rgb.reshape(-1, 3)}
         out.update({key: trained[key] for key in ("weights_list", "ray_samples_list") if key in trained})
         return out
+
+    @torch.no_grad()
+    def candidate_errors(
+        self, c2w: Float[Tensor, "batch cand 3 4"], images: Float[Tensor, "batch height width 3"],
+        pixels: Int[Tensor, "batch count 2"],
+    ) -> Float[Tensor, "batch cand"]:
+        """Mean squared error of every candidate camera's render of ``pixels`` against its photo (the winner rule of
+        training: min over K), without gradients, in chunks of ``score_chunk_rays`` rays."""
+        bsz, k = c2w.shape[:2]
+        with self.scoring_pass():
+            pix = pixels.repeat_interleave(k, dim=0)
+            cams = c2w.detach().reshape(bsz * k, 3, 4)
+            rows = max(1, self.config.score_chunk_rays // pix.shape[1])
+            rgb = torch.cat([self.render_pixels(cams[i:i + rows], pix[i:i + rows]) for i in range(0, bsz * k, rows)])
+        target = gather_pixels(images, pixels)
+        return (rgb.reshape(bsz, k, -1, 3) - target[:, None]).pow(2).mean(dim=(-1, -2))
 
     @torch.no_grad()
     def reselect_refined_cameras(

@@ -58,6 +58,12 @@ class GenLiftingPipelineConfig(VanillaPipelineConfig):
     over the steps)."""
     test_time_refine_pixels: int = 512
     """Random pixels of a held-out photo rendered per refinement step."""
+    candidate_check_pixels: int = 0
+    """Beyond the thesis: pose a photo with the field's check of the encoder's K candidates. Each candidate renders
+    the same this many random pixels of the photo and the one with the lowest error is the pose (training's winner
+    rule, min over K, applied to the clean photo; ``GenLiftingPipeline.predict_checked``). Used as the start of
+    test-time refinement and by ``gen-lifting pose``, scored as ``checked_*`` / ``test_checked_*``; the encoder's
+    top-score metrics (``rot_err_*``, ``test_*``) and renders stay the thesis's. 0 = off (the top-scoring candidate)."""
 
     def __post_init__(self) -> None:
         guards.check_flags(self)  # tyro builds this while parsing: before ns-train writes anything
@@ -71,6 +77,9 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
                         ("pipeline.test-time-refine-steps", config.test_time_refine_steps)):
         if value < 0:
             raise guards.FlagError(f"--{flag} must be >= 0 (0 = off), got {value}")
+    if config.candidate_check_pixels < 0:
+        raise guards.FlagError("--pipeline.candidate-check-pixels must be >= 0 (0 = off: the top-scoring candidate), "
+                               f"got {config.candidate_check_pixels}")
     if config.test_time_refine_pixels < 1:
         raise guards.FlagError(f"--pipeline.test-time-refine-pixels must be >= 1, got {config.test_time_refine_pixels}")
     if model.pose_refinement_start_step > 0 and model.camera_optimizer.mode == "off":
@@ -267,6 +276,34 @@ class GenLiftingPipeline(VanillaPipeline):
     def predict_all_c2w(self, images: Float[Tensor, "num_images height width 3"]) -> Float[Tensor, "num_images 3 4"]:
         return self.predict_all(images)[0]
 
+    @torch.no_grad()
+    def predict_checked(
+        self, images: Float[Tensor, "num_images height width 3"], chunk: int = 16
+    ) -> Tuple[Float[Tensor, "num_images 3 4"], Int[Tensor, "num_images"]]:
+        """The encoder's candidate whose render best matches each photo on ``candidate_check_pixels`` random pixels,
+        and its index (``candidate_check_pixels``). The pixels are the same for every photo (drawn from
+        ``eval_pose_seed``): a photo's pose does not depend on what it is batched with."""
+        count = self.config.candidate_check_pixels
+        if count <= 0:
+            raise ValueError("predict_checked needs --pipeline.candidate-check-pixels > 0")
+        n, h, w, _ = images.shape
+        flat = torch.randperm(h * w, generator=torch.Generator().manual_seed(self.config.eval_pose_seed))[:count]
+        pixels = torch.stack([flat // w, flat % w], dim=-1).to(self.device)
+        was_training = self.training
+        self.eval()
+        out_c2w, out_index = [], []
+        try:
+            for part in images.split(chunk):
+                part = part.to(self.device)
+                c2w, _ = self.encode(part)
+                index = self.model.candidate_errors(c2w, part, pixels.expand(part.shape[0], -1, -1)).argmin(dim=1)
+                out_c2w.append(c2w[torch.arange(c2w.shape[0], device=c2w.device), index])
+                out_index.append(index)
+        finally:
+            if was_training:
+                self.train()
+        return torch.cat(out_c2w), torch.cat(out_index)
+
     def predict_cameras(self, images: Float[Tensor, "batch height width 3"]) -> Cameras:
         return self.model.cameras_from_c2w(self.predict_c2w(images)).to(self.device)
 
@@ -328,7 +365,8 @@ class GenLiftingPipeline(VanillaPipeline):
         dm = self.datamanager
         was_training = self.training
         self.eval()
-        start = self.predict_all_c2w(dm.eval_images)
+        start = (self.predict_checked(dm.eval_images)[0] if self.config.candidate_check_pixels > 0
+                 else self.predict_all_c2w(dm.eval_images))
         refined = refine_poses(self.model.render_pixels, start, dm.eval_images, self.config.test_time_refine_steps,
                                self.config.test_time_refine_pixels, self.config.test_time_refine_lr,
                                seed=self.config.eval_pose_seed,
@@ -348,6 +386,8 @@ class GenLiftingPipeline(VanillaPipeline):
         training photos' refined cameras (alignment fitted on them); ``test_refined_*``, ``refined_held_out`` (the
         held-out photos' test-time refined poses, from ``refine_held_out_poses``) under the alignment fitted on the
         cameras the field was trained with (refined ones once training-time refinement has started).
+        With ``candidate_check_pixels``: ``checked_*``, the training photos' field-checked candidates
+        (``predict_checked``; alignment fitted on them), and ``test_checked_*``, the held-out photos' under it.
         ``robust_*``: every key above again under the inlier refit of its alignment (``fit_camera_alignment_inliers``,
         views within 15 deg, fitted on the same training views), with ``robust_inlier_share`` /
         ``robust_refined_inlier_share`` the share of training views it kept.
@@ -364,6 +404,10 @@ class GenLiftingPipeline(VanillaPipeline):
         if self.model.refining:
             assert self.model.pose_refinement is not None
             refined = self.model.pose_refinement.c2w().detach().double()
+        checked = None
+        if self.config.candidate_check_pixels > 0:
+            checked = {"train": self.predict_checked(dm.train_images)[0].double(),
+                       "test": self.predict_checked(dm.eval_images)[0]}
         mode = self.pose_alignment_mode
         errors: Dict[str, float] = {}
 
@@ -384,6 +428,10 @@ class GenLiftingPipeline(VanillaPipeline):
             add(tag, pose_errors(pred, gt, alignment=alignment))
             add(f"{tag}test_", pose_errors(poses[dm.test_split], gt_held_out, alignment=alignment))
             field_alignment = alignment  # the frame of the cameras the field is trained with
+            if checked is not None:
+                checked_alignment = fit(checked["train"], tag, "checked_")
+                add(f"{tag}checked_", pose_errors(checked["train"], gt, alignment=checked_alignment))
+                add(f"{tag}test_checked_", pose_errors(checked["test"], gt_held_out, alignment=checked_alignment))
             if refined is not None:
                 field_alignment = fit(refined, tag, "refined_")
                 add(f"{tag}refined_", pose_errors(refined, gt, alignment=field_alignment))

@@ -37,18 +37,26 @@ class PredictPose:
     """The photo to pose (PNG/JPEG; resized to the training resolution; RGBA composited on white)."""
     output_dir: Path = Path("outputs/predict_pose")
     """Where pose.json and render.png (photo | render side by side) are written."""
+    check_pixels: Optional[int] = None
+    """Which of the encoder's K candidates is the pose: 0, the top-scoring one (the thesis's rule); N > 0, the one
+    whose render best matches the photo on N random pixels (the field's check); unset, the run's own
+    --pipeline.candidate-check-pixels."""
 
     def main(self) -> None:
         import torch
 
-        from gen_lifting.inference import image_size, load_pipeline, predict_pose, read_photo, save_png
+        from gen_lifting.inference import InferenceError, image_size, load_pipeline, predict_pose, read_photo, save_png
 
+        if self.check_pixels is not None and self.check_pixels < 0:
+            raise InferenceError(f"--check-pixels must be >= 0 (0 = the top-scoring candidate), got {self.check_pixels}")
         pipeline = load_pipeline(self.load_config)
+        if self.check_pixels is not None:
+            pipeline.config.candidate_check_pixels = self.check_pixels
         width, height = image_size(pipeline)
         photo = read_photo(self.image, width, height)
         result = predict_pose(pipeline, photo)
         _write_json({"image": str(self.image), "camera_to_world": result["c2w"].tolist(),
-                     "candidate": result["candidate"], "candidate_probabilities": result["probabilities"].tolist(),
+                     "candidate": result["candidate"], "rule": result["rule"], "candidate_probabilities": result["probabilities"].tolist(),
                      "noise_timestep": result["t"], "width": width, "height": height,
                      "intrinsics_fx_fy_cx_cy": pipeline.model.intrinsics[:4].tolist()},
                     self.output_dir / "pose.json")
