@@ -311,6 +311,8 @@ def test_refinement_flags_are_checked():
     config = tiny_config(Path("unused"))
     with pytest.raises(FlagError, match="test-time-refine-steps"):
         type(config.pipeline)(test_time_refine_steps=-1)
+    with pytest.raises(FlagError, match="candidate-check-pixels must be >= 0"):
+        type(config.pipeline)(candidate_check_pixels=-1)
     oracle = tiny_config(Path("unused"), "gen_lifting_oracle").pipeline
     with pytest.raises(FlagError, match="dataset poses"):
         type(oracle)(datamanager=oracle.datamanager, test_time_refine_steps=5)

@@ -129,3 +129,67 @@ def test_pose_vs_noise_from_the_loaded_run(trained, tmp_path):
     assert row["test_rot_err_median_deg"] == pytest.approx(expected["test_rot_err_median_deg"], abs=1e-6)
     with pytest.raises(ValueError, match="timesteps must be in"):
         pose_errors_by_noise(loaded, [10_000])
+
+
+def test_field_check_picks_the_candidate_whose_render_is_the_photo(trained, monkeypatch):
+    """``--pipeline.candidate-check-pixels``: photos that are the field's renders from one of their candidates are
+    posed at that candidate (not the top-scoring one), whatever they are batched with."""
+    pipeline, _ = trained
+    photos = pipeline.datamanager.train_images[:3]
+    candidates, scores = pipeline.encode(photos)
+    pick = (scores.argmax(dim=1) + torch.tensor([1, 5, 7])) % candidates.shape[1]  # never the top-scoring one
+    chosen = candidates[torch.arange(3), pick]
+    renders = torch.stack([pipeline.model.get_outputs_for_camera(pipeline.model.cameras_from_c2w(c[None]))["rgb"]
+                           for c in chosen]).clamp(0, 1)
+    monkeypatch.setattr(pipeline, "encode", lambda images: (candidates[: len(images)], scores[: len(images)]))
+    monkeypatch.setattr(pipeline.config, "candidate_check_pixels", 256)
+    c2w, index = pipeline.predict_checked(renders, chunk=3)
+    assert index.tolist() == pick.tolist()
+    torch.testing.assert_close(c2w, chosen)
+    monkeypatch.setattr(pipeline, "encode", lambda images: (candidates[1:2], scores[1:2]))
+    assert pipeline.predict_checked(renders[1:2], chunk=1)[1].tolist() == pick[1:2].tolist()
+    monkeypatch.setattr(pipeline.config, "candidate_check_pixels", 0)
+    with pytest.raises(ValueError, match="candidate-check-pixels"):
+        pipeline.predict_checked(renders)
+
+
+def test_field_check_metrics_and_predict_pose_from_the_loaded_run(trained, tmp_path):
+    """With the check on, evaluate_poses adds checked_* / test_checked_* and keeps the top-score keys; the loaded run
+    gives the in-memory numbers; ``gen-lifting predict-pose --check-pixels`` poses with the check, 0 with the top."""
+    import json
+
+    from gen_lifting.inference import read_photo
+    from gen_lifting.scripts.cli import entrypoint
+
+    pipeline, config_path = trained
+    before = pipeline.evaluate_poses()
+    pipeline.config.candidate_check_pixels = 64
+    try:
+        checked = pipeline.evaluate_poses()
+    finally:
+        pipeline.config.candidate_check_pixels = 0
+    assert "checked_rot_err_median_deg" not in before
+    for key in ("rot_err_median_deg", "test_rot_err_median_deg"):
+        assert checked[key] == before[key]
+    for key in ("checked_rot_err_median_deg", "test_checked_rot_err_median_deg", "test_checked_within_15deg",
+                "robust_test_checked_rot_err_median_deg", "robust_checked_inlier_share"):
+        assert np.isfinite(checked[key]), key
+    loaded = _load(config_path)  # the split the trained pipeline holds out
+    loaded.config.candidate_check_pixels = 64
+    from_disk = loaded.evaluate_poses()
+    for key in ("checked_rot_err_median_deg", "test_checked_rot_err_median_deg"):
+        assert from_disk[key] == pytest.approx(checked[key], abs=1e-6), key
+    # test-time refinement starts from the checked candidates (0 steps: its start is what it returns)
+    assert loaded.config.test_time_refine_steps == 0
+    torch.testing.assert_close(loaded.refine_held_out_poses(), loaded.predict_checked(loaded.datamanager.eval_images)[0])
+
+    photo_path = next(Path(loaded.datamanager.config.data).joinpath("test").glob("*.png"))
+    width, height = (int(v) for v in loaded.model.intrinsics[4:].tolist())
+    photo = read_photo(photo_path, width, height)
+    expected = int(loaded.predict_checked(photo[None])[1][0])
+    for flag, rule, candidate in (("64", "field check", expected),
+                                  ("0", "top score", int(loaded.encode(photo[None])[1][0].argmax()))):
+        entrypoint(["predict-pose", "--load-config", str(config_path), "--image", str(photo_path),
+                    "--output-dir", str(tmp_path / flag), "--check-pixels", flag])
+        pose = json.loads((tmp_path / flag / "pose.json").read_text())
+        assert (pose["rule"], pose["candidate"]) == (rule, candidate)
