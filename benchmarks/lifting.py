@@ -74,6 +74,14 @@ ROBUST_KEYS = tuple(f"robust_{key}" for key in (
 score. The unprefixed keys keep the least-squares alignment."""
 
 
+CHECKED_KEYS = ("checked_rot_err_median_deg", "checked_rot_err_mean_deg", "checked_within_15deg",
+                "test_checked_rot_err_median_deg", "test_checked_rot_err_mean_deg", "test_checked_within_15deg",
+                "robust_checked_rot_err_median_deg", "robust_test_checked_rot_err_median_deg")
+"""With ``--pipeline.candidate-check-pixels``: the pose errors of the encoder's candidates chosen by the field's check
+(``GenLiftingPipeline.predict_checked``) instead of the top score; training views (alignment fitted on them) and
+held-out views under that alignment."""
+
+
 def refined_key(key: str) -> str:
     """The REFINED_KEYS name of a metric read from the refined poses (psnr -> psnr_refined, rot_err_median_deg ->
     refined_rot_err_median_deg, test_within_15deg -> test_refined_within_15deg)."""
@@ -257,7 +265,7 @@ def evaluate(method: str, trainer, eval_images: int, scene: Path) -> Dict[str, f
     keep = ("psnr", "ssim", "lpips", "rot_err_median_deg", "rot_err_mean_deg", "within_15deg",
             *CENTRE_KEYS, "test_rot_err_median_deg", "test_rot_err_mean_deg", "test_within_15deg",
             # optional pose refinement (gen_lifting/refinement.py): present only when it is on
-            *REFINED_KEYS, *ROBUST_KEYS)
+            *REFINED_KEYS, *ROBUST_KEYS, *CHECKED_KEYS)
     result = {k: float(raw[k]) for k in keep if k in raw}
     if method == "nerfacto-camopt-no-poses":
         result.update(camera_optimizer_pose_errors(pipe, scene))
@@ -465,7 +473,9 @@ def print_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
                 print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
             if any(key in m for key in REFINED_KEYS):  # the same columns from the refined poses
                 print(f"{'':6s} {'  refined poses':26s} {cells(m, refined_key)}")
-            for label, key_of in (("  robust alignment", lambda k: f"robust_{k}"),
+            for label, key_of in (("  field-checked candidates", lambda k: f"test_checked_{k[5:]}" if
+                                   k.startswith("test_") else f"checked_{k}"),
+                                  ("  robust alignment", lambda k: f"robust_{k}"),
                                   ("  refined, robust", lambda k: f"robust_{refined_key(k)}")):
                 if m.get(key_of("rot_err_median_deg")) is not None:  # pose columns only (no image metrics)
                     print(f"{'':6s} {label:26s} {cells({k: m.get(key_of(k)) for k in columns[3:]})}")

@@ -118,7 +118,7 @@ def test_colmap_cli_on_bundled_lego_64px(tmp_path):
 
 
 def test_table_prints_encoder_refined_and_colmap_rows(capsys):
-    """The table's "refined poses" line reads the refined_* keys (every REFINED_KEYS name maps from a column), and a
+    """The table's "refined poses" line reads the refined_* keys, the "field-checked" line the checked_* keys (every REFINED_KEYS name maps from a column), and a
     colmap row (no field: PSNR / SSIM / LPIPS null, no steps) prints nan there and its registration count."""
     assert {lifting.refined_key(k) for k in ("psnr", "ssim", "lpips", "rot_err_median_deg", "within_15deg",
                                              "test_rot_err_median_deg", "test_within_15deg", "rot_err_mean_deg",
@@ -126,7 +126,9 @@ def test_table_prints_encoder_refined_and_colmap_rows(capsys):
     refined = {"psnr": 17.1, "ssim": 0.6, "lpips": 0.5, "rot_err_median_deg": 9.9, "within_15deg": 0.7,
                "test_rot_err_median_deg": 11.8, "test_within_15deg": 0.6, "steps": 4000,
                "psnr_refined": 19.96, "ssim_refined": 0.8, "lpips_refined": 0.3, "refined_rot_err_median_deg": 2.4,
-               "refined_within_15deg": 0.98, "test_refined_rot_err_median_deg": 2.9, "test_refined_within_15deg": 0.95}
+               "refined_within_15deg": 0.98, "test_refined_rot_err_median_deg": 2.9, "test_refined_within_15deg": 0.95,
+               "checked_rot_err_median_deg": 8.1, "checked_within_15deg": 0.8, "test_checked_rot_err_median_deg": 8.7,
+               "test_checked_within_15deg": 0.75}
     colmap = {"psnr": None, "ssim": None, "lpips": None, "rot_err_median_deg": 5.1, "within_15deg": 0.26,
               "test_rot_err_median_deg": None, "test_within_15deg": None, "registered": 26, "num_views": 100,
               "train_s": 7.0}
@@ -134,8 +136,9 @@ def test_table_prints_encoder_refined_and_colmap_rows(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[2:] == ["17.10", "0.600", "0.500", "9.9", "0.70", "11.8", "0.60", "4000"]
     assert lines[2].split()[-7:] == ["19.96", "0.800", "0.300", "2.4", "0.98", "2.9", "0.95"]
-    assert lines[3].split()[2:] == ["nan", "nan", "nan", "5.1", "0.26", "nan", "nan", "nan"]
-    assert "registered 26/100" in lines[4]
+    assert lines[3].split()[-4:] == ["8.1", "0.80", "8.7", "0.75"] and "field-checked" in lines[3]
+    assert lines[4].split()[2:] == ["nan", "nan", "nan", "5.1", "0.26", "nan", "nan", "nan"]
+    assert "registered 26/100" in lines[5]
 
 
 def test_keep_run_leaves_a_run_that_loads_and_poses_as_benchmarked(tmp_path):
