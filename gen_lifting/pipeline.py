@@ -64,6 +64,9 @@ class GenLiftingPipelineConfig(VanillaPipelineConfig):
     rule, min over K, applied to the clean photo; ``GenLiftingPipeline.predict_checked``). Used as the start of
     test-time refinement and by ``gen-lifting pose``, scored as ``checked_*`` / ``test_checked_*``; the encoder's
     top-score metrics (``rot_err_*``, ``test_*``) and renders stay the thesis's. 0 = off (the top-scoring candidate)."""
+    refinement_snapshot_checked: bool = False
+    """Ours: the snapshot that starts training-time pose refinement (``--pipeline.model.pose-refinement-start-step``)
+    takes each training photo's field-checked candidate (``candidate_check_pixels``) instead of its top-scoring one."""
 
     def __post_init__(self) -> None:
         guards.check_flags(self)  # tyro builds this while parsing: before ns-train writes anything
@@ -80,6 +83,10 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
     if config.candidate_check_pixels < 0:
         raise guards.FlagError("--pipeline.candidate-check-pixels must be >= 0 (0 = off: the top-scoring candidate), "
                                f"got {config.candidate_check_pixels}")
+    if config.refinement_snapshot_checked and (config.candidate_check_pixels <= 0
+                                               or model.pose_refinement_start_step <= 0):
+        raise guards.FlagError("--pipeline.refinement-snapshot-checked needs --pipeline.candidate-check-pixels > 0 "
+                               "and --pipeline.model.pose-refinement-start-step > 0 (the snapshot it changes)")
     if config.test_time_refine_pixels < 1:
         raise guards.FlagError(f"--pipeline.test-time-refine-pixels must be >= 1, got {config.test_time_refine_pixels}")
     if model.pose_refinement_start_step > 0 and model.camera_optimizer.mode == "off":
@@ -186,7 +193,12 @@ class GenLiftingPipeline(VanillaPipeline):
             return False
         # one posing pass: the encoder's poses are the snapshot, and the cameras nerfstudio's tools read already show
         # them (the corrections start at identity)
-        refinement.start(self.show_predicted_poses()["train"])
+        snapshot = self.show_predicted_poses()["train"]
+        if self.config.refinement_snapshot_checked:
+            snapshot = self.predict_checked(self.datamanager.train_images)[0]
+        refinement.start(snapshot)
+        if self.config.refinement_snapshot_checked:
+            self.show_predicted_poses()  # the tools show the refined cameras from now on
         return True
 
     def maybe_render_synthetic_views(self, step: int) -> bool:

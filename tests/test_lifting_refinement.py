@@ -637,3 +637,22 @@ def test_synthetic_view_flags_are_checked():
     model.synthetic_pose_jitter_deg, model.synthetic_pose_jitter_spacing_mult = 15.0, -1.0
     with pytest.raises(FlagError, match="jitter-spacing-mult"):
         type(config.pipeline)(model=model)
+
+
+def test_checked_snapshot_starts_refinement_at_the_field_checked_candidates(tiny_lego):
+    """``--pipeline.refinement-snapshot-checked``: the snapshot is ``predict_checked``'s camera of every training photo
+    (not the top-scoring one), and the tools show it; the flag needs the check and refinement."""
+    from gen_lifting.guards import FlagError
+
+    pipe = refining_pipeline(tiny_lego, start=1)
+    pipe.config.candidate_check_pixels, pipe.config.refinement_snapshot_checked = 128, True
+    images = pipe.datamanager.train_images
+    checked, index = pipe.predict_checked(images)
+    top = pipe.predict_all(images)[1]
+    assert (index != top).any(), "the toy must have photos whose check differs from the top score"
+    assert pipe.maybe_start_pose_refinement(1)
+    assert torch.equal(pipe.model.pose_refinement.snapshot_c2w, checked)
+    assert torch.equal(pipe.model.view_poses["train"], pipe.model.pose_refinement.c2w().detach())
+    config = tiny_config(Path("unused"))
+    with pytest.raises(FlagError, match="refinement-snapshot-checked needs"):
+        type(config.pipeline)(refinement_snapshot_checked=True)
