@@ -293,12 +293,12 @@ class GenLiftingPipeline(VanillaPipeline):
         self, images: Float[Tensor, "num_images height width 3"], chunk: int = 16
     ) -> Tuple[Float[Tensor, "num_images 3 4"], Int[Tensor, "num_images"]]:
         """The encoder's candidate whose render best matches each photo on ``candidate_check_pixels`` random pixels,
-        and its index (``candidate_check_pixels``). The pixels are the same for every photo (drawn from
-        ``eval_pose_seed``): a photo's pose does not depend on what it is batched with."""
+        and its index. The pixels are the same for every photo (drawn from ``eval_pose_seed``): a photo's pose does
+        not depend on what it is batched with."""
         count = self.config.candidate_check_pixels
         if count <= 0:
             raise ValueError("predict_checked needs --pipeline.candidate-check-pixels > 0")
-        n, h, w, _ = images.shape
+        h, w = images.shape[1:3]
         flat = torch.randperm(h * w, generator=torch.Generator().manual_seed(self.config.eval_pose_seed))[:count]
         pixels = torch.stack([flat // w, flat % w], dim=-1).to(self.device)
         was_training = self.training
@@ -419,7 +419,7 @@ class GenLiftingPipeline(VanillaPipeline):
         checked = None
         if self.config.candidate_check_pixels > 0:
             checked = {"train": self.predict_checked(dm.train_images)[0].double(),
-                       "test": self.predict_checked(dm.eval_images)[0]}
+                       "test": self.predict_checked(dm.eval_images)[0].double()}
         mode = self.pose_alignment_mode
         errors: Dict[str, float] = {}
 

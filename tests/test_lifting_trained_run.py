@@ -181,7 +181,8 @@ def test_field_check_metrics_and_predict_pose_from_the_loaded_run(trained, tmp_p
         assert from_disk[key] == pytest.approx(checked[key], abs=1e-6), key
     # test-time refinement starts from the checked candidates (0 steps: its start is what it returns)
     assert loaded.config.test_time_refine_steps == 0
-    torch.testing.assert_close(loaded.refine_held_out_poses(), loaded.predict_checked(loaded.datamanager.eval_images)[0])
+    start = loaded.predict_checked(loaded.datamanager.eval_images)[0]
+    torch.testing.assert_close(loaded.refine_held_out_poses(), start)
 
     photo_path = next(Path(loaded.datamanager.config.data).joinpath("test").glob("*.png"))
     width, height = (int(v) for v in loaded.model.intrinsics[4:].tolist())

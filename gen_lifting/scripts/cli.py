@@ -48,7 +48,8 @@ class PredictPose:
         from gen_lifting.inference import InferenceError, image_size, load_pipeline, predict_pose, read_photo, save_png
 
         if self.check_pixels is not None and self.check_pixels < 0:
-            raise InferenceError(f"--check-pixels must be >= 0 (0 = the top-scoring candidate), got {self.check_pixels}")
+            raise InferenceError(f"--check-pixels must be >= 0 (0 = the top-scoring candidate), "
+                                 f"got {self.check_pixels}")
         pipeline = load_pipeline(self.load_config)
         if self.check_pixels is not None:
             pipeline.config.candidate_check_pixels = self.check_pixels
@@ -56,7 +57,8 @@ class PredictPose:
         photo = read_photo(self.image, width, height)
         result = predict_pose(pipeline, photo)
         _write_json({"image": str(self.image), "camera_to_world": result["c2w"].tolist(),
-                     "candidate": result["candidate"], "rule": result["rule"], "candidate_probabilities": result["probabilities"].tolist(),
+                     "candidate": result["candidate"], "rule": result["rule"],
+                     "candidate_probabilities": result["probabilities"].tolist(),
                      "noise_timestep": result["t"], "width": width, "height": height,
                      "intrinsics_fx_fy_cx_cy": pipeline.model.intrinsics[:4].tolist()},
                     self.output_dir / "pose.json")
