@@ -463,7 +463,8 @@ def test_reselect_flag_is_checked():
 
 def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     """``ns-train gen-lifting-refine``: the thesis preset with the two refinement settings, the TV prior's decay
-    from the refinement's start and the encoder's synthetic views during refinement, nothing else changed."""
+    from the refinement's start, the encoder's synthetic views during refinement, re-selection and the field's check
+    of the candidates at test time, nothing else changed."""
     import copy
     import dataclasses
 
@@ -482,6 +483,8 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     refine.pipeline.model.synthetic_pose_jitter_spacing_mult = base.pipeline.model.synthetic_pose_jitter_spacing_mult
     assert refine.pipeline.model.pose_refinement_reselect_ratio == 0.5
     refine.pipeline.model.pose_refinement_reselect_ratio = base.pipeline.model.pose_refinement_reselect_ratio
+    assert refine.pipeline.candidate_check_pixels == 512 and not refine.pipeline.refinement_snapshot_checked
+    refine.pipeline.candidate_check_pixels = base.pipeline.candidate_check_pixels
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 

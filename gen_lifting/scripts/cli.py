@@ -235,7 +235,7 @@ class Demo:
     method: str = "gen-lifting"
     """gen-lifting (the thesis), gen-lifting-refine (ours: + pose refinement from step 2000 that can jump back to the
     encoder's best candidate, the encoder also trained on the field's renders at jittered refined cameras, and 100
-    iNeRF-like steps per held-out photo; needs
+    iNeRF-like steps per held-out photo from the candidate the field's check picks; needs
     --max-num-iterations above 2000 to refine training poses) or gen-lifting-ae."""
 
     def main(self) -> None:
