@@ -118,8 +118,9 @@ def test_colmap_cli_on_bundled_lego_64px(tmp_path):
 
 
 def test_table_prints_encoder_refined_and_colmap_rows(capsys):
-    """The table's "refined poses" line reads the refined_* keys, the "field-checked" line the checked_* keys (every REFINED_KEYS name maps from a column), and a
-    colmap row (no field: PSNR / SSIM / LPIPS null, no steps) prints nan there and its registration count."""
+    """The table's "refined poses" line reads the refined_* keys (every REFINED_KEYS name maps from a column), the
+    "field-checked" line the checked_* keys, and a colmap row (no field: PSNR / SSIM / LPIPS null, no steps) prints nan
+    there and its registration count."""
     assert {lifting.refined_key(k) for k in ("psnr", "ssim", "lpips", "rot_err_median_deg", "within_15deg",
                                              "test_rot_err_median_deg", "test_within_15deg", "rot_err_mean_deg",
                                              "test_rot_err_mean_deg")} == set(lifting.REFINED_KEYS)
