@@ -82,12 +82,18 @@ CHECKED_KEYS = ("checked_rot_err_median_deg", "checked_rot_err_mean_deg", "check
 held-out views under that alignment."""
 
 
+def tagged_key(key: str, tag: str) -> str:
+    """A pose metric's name for other poses of the same views, as ``evaluate_poses`` writes it:
+    rot_err_median_deg -> TAG_rot_err_median_deg, test_within_15deg -> test_TAG_within_15deg."""
+    return f"test_{tag}_{key[len('test_'):]}" if key.startswith("test_") else f"{tag}_{key}"
+
+
 def refined_key(key: str) -> str:
     """The REFINED_KEYS name of a metric read from the refined poses (psnr -> psnr_refined, rot_err_median_deg ->
     refined_rot_err_median_deg, test_within_15deg -> test_refined_within_15deg)."""
     if key in ("psnr", "ssim", "lpips"):
         return f"{key}_refined"
-    return "test_refined_" + key[len("test_"):] if key.startswith("test_") else "refined_" + key
+    return tagged_key(key, "refined")
 
 
 GEN_METHODS = ("gen-lifting", "gen-lifting-refine", "gen-lifting-ae", "gen-lifting-single", "gen-lifting-gpu",
@@ -473,8 +479,7 @@ def print_table(results: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
                 print(f"{'':6s} {'':26s} registered {m['registered']}/{m['num_views']}, {m['train_s']:.1f} s")
             if any(key in m for key in REFINED_KEYS):  # the same columns from the refined poses
                 print(f"{'':6s} {'  refined poses':26s} {cells(m, refined_key)}")
-            for label, key_of in (("  field-checked candidates", lambda k: f"test_checked_{k[5:]}" if
-                                   k.startswith("test_") else f"checked_{k}"),
+            for label, key_of in (("  field-checked candidates", lambda k: tagged_key(k, "checked")),
                                   ("  robust alignment", lambda k: f"robust_{k}"),
                                   ("  refined, robust", lambda k: f"robust_{refined_key(k)}")):
                 if m.get(key_of("rot_err_median_deg")) is not None:  # pose columns only (no image metrics)

@@ -80,7 +80,7 @@ def predict_pose(pipeline, photo: Float[Tensor, "height width 3"]) -> Dict[str, 
     c2w_all, scores = pipeline.encode(photo[None])
     top = int(scores[0].argmax())
     if pipeline.config.candidate_check_pixels > 0:
-        top = int(pipeline.predict_checked(photo[None])[1][0])
+        top = int(pipeline.check_candidates(c2w_all, photo[None])[0])
     render = render_c2w(pipeline, c2w_all[0, top : top + 1])[0]
     return {
         "c2w": c2w_all[0, top].cpu(),

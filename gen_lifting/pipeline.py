@@ -62,8 +62,9 @@ class GenLiftingPipelineConfig(VanillaPipelineConfig):
     """Beyond the thesis: pose a photo with the field's check of the encoder's K candidates. Each candidate renders
     the same this many random pixels of the photo and the one with the lowest error is the pose (training's winner
     rule, min over K, applied to the clean photo; ``GenLiftingPipeline.predict_checked``). Used as the start of
-    test-time refinement and by ``gen-lifting pose``, scored as ``checked_*`` / ``test_checked_*``; the encoder's
-    top-score metrics (``rot_err_*``, ``test_*``) and renders stay the thesis's. 0 = off (the top-scoring candidate)."""
+    test-time refinement and by ``gen-lifting predict-pose``, scored as ``checked_*`` / ``test_checked_*``; the
+    encoder's top-score metrics (``rot_err_*``, ``test_*``) and renders stay the thesis's. 0 = off (the top-scoring
+    candidate)."""
     refinement_snapshot_checked: bool = False
     """Ours: the snapshot that starts training-time pose refinement (``--pipeline.model.pose-refinement-start-step``)
     takes each training photo's field-checked candidate (``candidate_check_pixels``) instead of its top-scoring one."""
@@ -77,12 +78,10 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
     """One-line errors for the pose refinement flags (gen_lifting/refinement.py), before anything is written."""
     model = config.model
     for flag, value in (("pipeline.model.pose-refinement-start-step", model.pose_refinement_start_step),
-                        ("pipeline.test-time-refine-steps", config.test_time_refine_steps)):
+                        ("pipeline.test-time-refine-steps", config.test_time_refine_steps),
+                        ("pipeline.candidate-check-pixels", config.candidate_check_pixels)):
         if value < 0:
             raise guards.FlagError(f"--{flag} must be >= 0 (0 = off), got {value}")
-    if config.candidate_check_pixels < 0:
-        raise guards.FlagError("--pipeline.candidate-check-pixels must be >= 0 (0 = off: the top-scoring candidate), "
-                               f"got {config.candidate_check_pixels}")
     if config.refinement_snapshot_checked and (config.candidate_check_pixels <= 0
                                                or model.pose_refinement_start_step <= 0):
         raise guards.FlagError("--pipeline.refinement-snapshot-checked needs --pipeline.candidate-check-pixels > 0 "
@@ -193,12 +192,11 @@ class GenLiftingPipeline(VanillaPipeline):
             return False
         # one posing pass: the encoder's poses are the snapshot, and the cameras nerfstudio's tools read already show
         # them (the corrections start at identity)
-        snapshot = self.show_predicted_poses()["train"]
-        if self.config.refinement_snapshot_checked:
-            snapshot = self.predict_checked(self.datamanager.train_images)[0]
-        refinement.start(snapshot)
-        if self.config.refinement_snapshot_checked:
-            self.show_predicted_poses()  # the tools show the refined cameras from now on
+        if self.config.refinement_snapshot_checked:  # the field-checked candidates; the tools then show them
+            refinement.start(self.predict_checked(self.datamanager.train_images)[0])
+            self.show_predicted_poses()
+        else:
+            refinement.start(self.show_predicted_poses()["train"])
         return True
 
     def maybe_render_synthetic_views(self, step: int) -> bool:
@@ -295,26 +293,33 @@ class GenLiftingPipeline(VanillaPipeline):
         """The encoder's candidate whose render best matches each photo on ``candidate_check_pixels`` random pixels,
         and its index. The pixels are the same for every photo (drawn from ``eval_pose_seed``): a photo's pose does
         not depend on what it is batched with."""
-        count = self.config.candidate_check_pixels
-        if count <= 0:
-            raise ValueError("predict_checked needs --pipeline.candidate-check-pixels > 0")
-        h, w = images.shape[1:3]
-        flat = torch.randperm(h * w, generator=torch.Generator().manual_seed(self.config.eval_pose_seed))[:count]
-        pixels = torch.stack([flat // w, flat % w], dim=-1).to(self.device)
         was_training = self.training
         self.eval()
         out_c2w, out_index = [], []
         try:
             for part in images.split(chunk):
-                part = part.to(self.device)
                 c2w, _ = self.encode(part)
-                index = self.model.candidate_errors(c2w, part, pixels.expand(part.shape[0], -1, -1)).argmin(dim=1)
+                index = self.check_candidates(c2w, part)
                 out_c2w.append(c2w[torch.arange(c2w.shape[0], device=c2w.device), index])
                 out_index.append(index)
         finally:
             if was_training:
                 self.train()
         return torch.cat(out_c2w), torch.cat(out_index)
+
+    @torch.no_grad()
+    def check_candidates(
+        self, candidates: Float[Tensor, "batch cand 3 4"], images: Float[Tensor, "batch height width 3"]
+    ) -> Int[Tensor, "batch"]:
+        """``predict_checked``'s choice among given candidate cameras of the photos (call in eval mode)."""
+        count = self.config.candidate_check_pixels
+        if count <= 0:
+            raise ValueError("the field's check of the candidates needs --pipeline.candidate-check-pixels > 0")
+        h, w = images.shape[1:3]
+        flat = torch.randperm(h * w, generator=torch.Generator().manual_seed(self.config.eval_pose_seed))[:count]
+        pixels = torch.stack([flat // w, flat % w], dim=-1).to(self.device)
+        images = images.to(self.device)
+        return self.model.candidate_errors(candidates, images, pixels.expand(images.shape[0], -1, -1)).argmin(dim=1)
 
     def predict_cameras(self, images: Float[Tensor, "batch height width 3"]) -> Cameras:
         return self.model.cameras_from_c2w(self.predict_c2w(images)).to(self.device)
