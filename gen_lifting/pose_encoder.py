@@ -59,6 +59,11 @@ class PoseEncoderConfig(InstantiateConfig):
     pixels before the encoder reads it (e.g. 64 for 128x128 views: the encoder sees what it sees at 64 px while the
     field renders and is scored at the full size). Applied inside the encoder, after noising, so training, posing
     new photos and sampling all see the same input."""
+    pool_grid: int = 1
+    """Ours (1 = the global mean of the trunk's last feature map, as before): average the last feature map to a
+    pool_grid x pool_grid grid and flatten it before the linear heads, so that the heads see *where* in the image a
+    feature is (a global mean keeps only what is there; a camera's pose is mostly where things are). Any input size
+    gives the same head size (adaptive pooling); the CPU trunk's last map at 64 px is 4 x 4."""
 
 
 class PoseEncoder(nn.Module):
@@ -72,8 +77,10 @@ class PoseEncoder(nn.Module):
         trunk = config.trunk
         self.time_embed = TimestepEmbedder(trunk.base_channels, trunk.temb_channels)
         self.encoder = UNetEncoder(trunk)
-        feat = self.encoder.out_channels
-        self.norm = nn.GroupNorm(trunk.norm_groups, feat)
+        if config.pool_grid < 1:
+            raise ValueError(f"pose encoder pool_grid must be >= 1, got {config.pool_grid}")
+        self.norm = nn.GroupNorm(trunk.norm_groups, self.encoder.out_channels)
+        feat = self.encoder.out_channels * config.pool_grid ** 2
         if config.mode == "candidates":
             self.register_buffer("signs", octant_signs(config.layout, config.num_candidates), persistent=False)
             k = config.num_candidates
@@ -116,7 +123,10 @@ class PoseEncoder(nn.Module):
                                             size=(max(1, round(height * scale)), max(1, round(width * scale))))
         temb = self.time_embed(t)
         h, _ = self.encoder(x_t, temb)
-        return nn.functional.silu(self.norm(h)).mean(dim=(2, 3))
+        h = nn.functional.silu(self.norm(h))
+        if self.config.pool_grid == 1:
+            return h.mean(dim=(2, 3))
+        return nn.functional.adaptive_avg_pool2d(h, self.config.pool_grid).flatten(1)
 
     def forward(
         self, x_t: Float[Tensor, "batch 3 height width"], t: Int[Tensor, "batch"]

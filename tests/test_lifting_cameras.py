@@ -89,3 +89,24 @@ def test_pose_encoder_single_mode_starts_at_identity():
     c2w, scores = enc(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
     assert c2w.shape == (2, 1, 3, 4) and scores.shape == (2, 1)
     assert torch.allclose(c2w[:, 0, :, :3], torch.eye(3).expand(2, 3, 3))
+
+
+def test_pose_encoder_pool_grid_keeps_where_features_are():
+    """pool_grid 2: the heads read the last feature map averaged over a 2x2 grid (4x the channels), whose cells
+    average to the global mean that pool_grid 1 reads; square and non-square inputs give the same head size."""
+    torch.manual_seed(0)
+    grid = PoseEncoderConfig(num_candidates=4, trunk=_tiny_trunk(), pool_grid=2).setup()
+    mean = PoseEncoderConfig(num_candidates=4, trunk=_tiny_trunk()).setup()
+    trunk_state = {k: v for k, v in grid.state_dict().items() if "_head" not in k}
+    mean.load_state_dict(trunk_state, strict=False)
+    channels = grid.encoder.out_channels
+    assert grid.direction_head.in_features == 4 * channels and mean.direction_head.in_features == channels
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    cells = grid.features(x, t).reshape(2, channels, 4)
+    torch.testing.assert_close(cells.mean(-1), mean.features(x, t))
+    assert not torch.allclose(cells[..., 0], cells[..., 3])  # the cells differ: position is kept
+    for size in [(16, 16), (16, 24), (24, 16)]:
+        c2w, scores = grid(torch.randn(2, 3, *size), t)
+        assert c2w.shape == (2, 4, 3, 4) and scores.shape == (2, 4) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError, match="pool_grid"):
+        PoseEncoderConfig(trunk=_tiny_trunk(), pool_grid=0).setup()
