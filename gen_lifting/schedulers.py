@@ -3,7 +3,9 @@
 Why not nerfstudio's ``ExponentialDecayScheduler`` as is: its multiplier is a numpy float, ``LambdaLR`` keeps it in its
 state (``_last_lr``) and in the optimizer's ``lr``, and nerfstudio saves both in the checkpoint, which
 ``torch.load(..., weights_only=True)`` then refuses ("Unsupported global numpy.core.multiarray.scalar"). The curve
-itself is nerfstudio's: this class calls it and only casts its value.
+itself is nerfstudio's: this class calls it and only casts its value, except after the warm-up with ``lr_final = None``
+(a constant rate), where nerfstudio's ``exp(log(lr)) / lr`` is 1 only up to rounding (1.0000000000000007 at 3e-3) and
+this class returns exactly 1, so that listing the scheduler leaves the rate bit-identical to listing none.
 """
 
 from __future__ import annotations
@@ -30,4 +32,11 @@ class FloatExponentialDecayScheduler(ExponentialDecayScheduler):
     def get_scheduler(self, optimizer: Optimizer, lr_init: float) -> lr_scheduler.LRScheduler:
         # nerfstudio's LambdaLR (built once to take its multiplier; the new LambdaLR below resets the rate it set)
         numpy_multiplier = super().get_scheduler(optimizer, lr_init).lr_lambdas[0]
-        return lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda step: float(numpy_multiplier(step)))
+        constant_after_warmup = self.config.lr_final is None
+
+        def multiplier(step: int) -> float:
+            if constant_after_warmup and step >= self.config.warmup_steps:
+                return 1.0
+            return float(numpy_multiplier(step))
+
+        return lr_scheduler.LambdaLR(optimizer, lr_lambda=multiplier)

@@ -38,6 +38,13 @@ def _adam(lr: float) -> dict:
     return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": None}
 
 
+def _constant_rate(lr: float, max_steps: int) -> dict:
+    # Adam at a constant rate through nerfstudio's exponential decay with lr_final = None (a decay can be set from the
+    # command line; lr_pre_warmup = lr keeps a warm-up period at the rate itself).
+    return {**_adam(lr), "scheduler": FloatExponentialDecaySchedulerConfig(lr_pre_warmup=lr, lr_final=None,
+                                                                           max_steps=max_steps)}
+
+
 def cpu_model(**overrides) -> GenLiftingModelConfig:
     """CPU preset model: the paper's loss plus the levers that made poses emerge within minutes on 2 cores
     (benchmarks/lifting.py): a coarse-to-fine grid, early random routing and a TV prior on the grid. Randomly routed
@@ -103,10 +110,11 @@ def make_config(
         # exponential decay (its multiplier cast to float, gen_lifting/schedulers.py) with lr_final = None is a
         # multiplier of 1, listed so that a decay can be set (--optimizers.camera-opt.scheduler.lr-final /
         # .warmup-steps; during warmup_steps, with lr_pre_warmup = lr, the rate stays 3e-3: the scheduler's clock
-        # starts at step 0, not where the refinement starts).
-        optimizers={"fields": _adam(field_lr), "pose_encoder": _adam(encoder_lr),
-                    "camera_opt": {**_adam(3e-3), "scheduler": FloatExponentialDecaySchedulerConfig(
-                        lr_pre_warmup=3e-3, lr_final=None, max_steps=max_iters)}},
+        # starts at step 0, not where the refinement starts). The pose_encoder group carries the same constant
+        # scheduler (exactly its rate; gen_lifting/schedulers.py), so that --optimizers.pose-encoder.scheduler.lr-final
+        # / .warmup-steps can decay the encoder's rate once poses have formed.
+        optimizers={"fields": _adam(field_lr), "pose_encoder": _constant_rate(encoder_lr, max_iters),
+                    "camera_opt": _constant_rate(3e-3, max_iters)},
         viewer=ViewerConfig(websocket_host="127.0.0.1", quit_on_train_completion=True, num_rays_per_chunk=4096),
         vis="viewer",
     )

@@ -488,15 +488,18 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 
-def test_camera_opt_rate_is_constant_by_default_can_decay_and_its_state_loads_weights_only(tmp_path):
-    """The presets' camera_opt group carries nerfstudio's exponential decay with ``lr_final = None`` (a constant
-    3e-3); ``--optimizers.camera-opt.scheduler.lr-final`` / ``.warmup-steps`` make it decay once refinement runs. Its
-    state must load with ``weights_only=True`` (nerfstudio's own class keeps numpy floats there)."""
+@pytest.mark.parametrize("group, rate", [("camera_opt", 3e-3), ("pose_encoder", 3e-3)])
+def test_rates_are_constant_by_default_can_decay_and_their_state_loads_weights_only(tmp_path, group, rate):
+    """The presets' camera_opt and pose_encoder groups carry nerfstudio's exponential decay with ``lr_final = None``:
+    exactly their rate (bit-identical to no scheduler; nerfstudio's own curve is 1 only up to rounding there);
+    ``--optimizers.<group>.scheduler.lr-final`` / ``.warmup-steps`` make it decay after the warm-up, which holds the
+    rate itself. The state must load with ``weights_only=True`` (nerfstudio's own class keeps numpy floats there)."""
     import copy
 
     import method_configs.gen_lifting as specs
 
-    cfg = copy.deepcopy(specs.gen_lifting_refine.config.optimizers["camera_opt"])
+    cfg = copy.deepcopy(specs.gen_lifting_refine.config.optimizers[group])
+    assert cfg["optimizer"].lr == rate
     param = torch.nn.Parameter(torch.zeros(1))
 
     def rates(scheduler_config, steps):
@@ -513,9 +516,11 @@ def test_camera_opt_rate_is_constant_by_default_can_decay_and_its_state_loads_we
         return out
 
     steps = [0, 1000, 2000, 3000, 4000]
-    assert rates(cfg["scheduler"], steps) == pytest.approx([3e-3] * 5)
-    cfg["scheduler"].lr_final, cfg["scheduler"].warmup_steps = 3e-4, 2000
-    assert rates(cfg["scheduler"], steps) == pytest.approx([3e-3, 3e-3, 3e-3, math.sqrt(3e-3 * 3e-4), 3e-4])
+    assert rates(cfg["scheduler"], steps) == [rate] * 5  # exactly
+    cfg["scheduler"].lr_final, cfg["scheduler"].warmup_steps = rate / 10, 2000
+    decayed = rates(cfg["scheduler"], steps)
+    assert decayed[:2] == [rate] * 2  # the warm-up holds the rate exactly: training before it is unchanged
+    assert decayed[2:] == pytest.approx([rate, math.sqrt(rate * rate / 10), rate / 10])
 
 
 # ------------------------------------------------------------------------------ synthetic views (ours, off by default)
