@@ -72,8 +72,8 @@ def clean_safe_globals():
 
 def test_gen_lifting_checkpoints_load_with_torch_defaults(tmp_path, clean_safe_globals):
     """nerfstudio's ns-eval / ns-render / ns-viewer call ``torch.load(path, map_location="cpu")`` (weights_only by
-    default); gen-lifting's checkpoints hold no numpy scalars (its lr schedulers keep Python floats), so they load with no
-    allow-list."""
+    default); gen-lifting's checkpoints hold no numpy scalars (its lr schedulers keep Python floats), so they load
+    with no allow-list."""
     import nerfstudio
 
     from test_lifting_method import make_tiny_lego, tiny_config
