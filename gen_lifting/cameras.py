@@ -48,15 +48,15 @@ def candidate_positions(
 
 
 def look_at_origin(
-    positions: Float[Tensor, "*batch 3"], up: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    positions: Float[Tensor, "*batch 3"], up: tuple[float, float, float] | Float[Tensor, "3"] = (0.0, 0.0, 1.0)
 ) -> Float[Tensor, "*batch 3 4"]:
-    """Camera-to-world matrices of cameras at ``positions`` looking at the origin with zero roll.
+    """Camera-to-world matrices of cameras at ``positions`` looking at the origin with zero roll about ``up``.
 
     nerfstudio's ``camera_utils.viewmatrix`` builds the same frame but only for one camera in float64-free
     code paths; this version is batched and differentiable.
     """
     back = F.normalize(positions, dim=-1)  # camera +z points away from the target
-    world_up = torch.tensor(up, dtype=positions.dtype, device=positions.device).expand_as(back)
+    world_up = torch.as_tensor(up, dtype=positions.dtype, device=positions.device).expand_as(back)
     right = F.normalize(torch.cross(world_up, back, dim=-1), dim=-1)
     cam_up = torch.cross(back, right, dim=-1)
     rot = torch.stack([right, cam_up, back], dim=-1)
@@ -68,3 +68,12 @@ def rotvec_translation_to_c2w(
 ) -> Float[Tensor, "*batch 3 4"]:
     """Single-camera variant: c2w = [R(rotvec) | t] (Rodrigues via roma)."""
     return torch.cat([roma.rotvec_to_rotmat(rotvec), translation.unsqueeze(-1)], dim=-1)
+
+
+def fit_world_up(c2w: Float[Tensor, "num 3 4"]) -> Float[Tensor, "3"]:
+    """The world-up about which cameras have the least roll: the unit vector most orthogonal to every camera's right
+    axis (the smallest eigenvector of sum x_i x_i^T; exactly orthogonal for zero-roll look-at cameras), signed toward
+    +z. For refined cameras, whose field may sit tilted against the candidates' fixed up (pose_encoder.world_up)."""
+    right = c2w[:, :3, 0].double()
+    up = torch.linalg.eigh(right.T @ right).eigenvectors[:, 0]
+    return (up * (1.0 if up[2] >= 0 else -1.0)).to(c2w.dtype)

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gen_lifting import guards
+from gen_lifting.cameras import fit_world_up
 from gen_lifting.data_checks import SceneDataError, check_scene_kind
 from gen_lifting.datamanager import GenLiftingDataManagerConfig
 from gen_lifting.model import GenLiftingModelConfig
@@ -110,6 +111,11 @@ def check_refinement_flags(config: GenLiftingPipelineConfig) -> None:
         raise guards.FlagError("--pipeline.model.synthetic-pose-views renders views near the refined cameras of a 360 "
                                "scene: set --pipeline.model.pose-refinement-start-step N too, with the candidates "
                                "pose encoder (not the forward-facing 'single' one)")
+    if model.candidate_up_from_refined and (model.pose_refinement_start_step == 0
+                                            or model.pose_encoder.mode != "candidates"):
+        raise guards.FlagError("--pipeline.model.candidate-up-from-refined takes the candidates' up from the refined "
+                               "cameras of a 360 scene: set --pipeline.model.pose-refinement-start-step N too, with "
+                               "the candidates pose encoder (not the forward-facing 'single' one)")
     if ratio > 0 and model.pose_refinement_start_step == 0:
         raise guards.FlagError("--pipeline.model.pose-refinement-reselect-ratio acts during pose refinement: set "
                                "--pipeline.model.pose-refinement-start-step N too")
@@ -142,6 +148,7 @@ class GenLiftingPipeline(VanillaPipeline):
         """Self-labelled renders for the encoder (``synthetic_pose_views``), re-rendered every
         ``synthetic_pose_refresh_steps`` during refinement; not saved (a resumed run renders them again)."""
         self.synthetic_rendered_at = -1
+        self.candidate_up_fitted_at: Optional[int] = None
         self.train_candidates: Optional[Tensor] = None
         """Winning candidate of each training photo at the last ``show_predicted_poses`` (None for the oracle)."""
         self.show_predicted_poses()
@@ -177,6 +184,9 @@ class GenLiftingPipeline(VanillaPipeline):
         if self.model.pose_refinement is not None:
             callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                                               self.maybe_start_pose_refinement))
+        if self.model.config.candidate_up_from_refined:  # before the synthetic views, which are rendered about it
+            callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                                              self.maybe_fit_candidate_up))
         if self.model.config.synthetic_pose_views > 0:
             callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                                               self.maybe_render_synthetic_views))
@@ -197,6 +207,20 @@ class GenLiftingPipeline(VanillaPipeline):
             self.show_predicted_poses()
         else:
             refinement.start(self.show_predicted_poses()["train"])
+        return True
+
+    def maybe_fit_candidate_up(self, step: int) -> bool:
+        """During refinement, every ``synthetic_pose_refresh_steps`` steps (and at a resumed run's first step), set
+        the candidates' world-up to the refined cameras' (``candidate_up_from_refined``). Returns whether it did."""
+        cfg = self.model.config
+        if not cfg.candidate_up_from_refined or not self.model.refining or (
+                self.candidate_up_fitted_at is not None
+                and step - self.candidate_up_fitted_at < cfg.synthetic_pose_refresh_steps):
+            return False
+        assert self.model.pose_refinement is not None
+        with torch.no_grad():
+            self.model.pose_encoder.world_up.copy_(fit_world_up(self.model.pose_refinement.c2w().detach()))
+        self.candidate_up_fitted_at = step
         return True
 
     def maybe_render_synthetic_views(self, step: int) -> bool:

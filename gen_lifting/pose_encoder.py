@@ -83,6 +83,9 @@ class PoseEncoder(nn.Module):
         feat = self.encoder.out_channels * config.pool_grid ** 2
         if config.mode == "candidates":
             self.register_buffer("signs", octant_signs(config.layout, config.num_candidates), persistent=False)
+            # the world-up of the candidates' zero-roll look-at: the thesis' fixed z, or (ours) the refined cameras'
+            # own up (GenLiftingModelConfig.candidate_up_from_refined); saved, so a loaded run poses as it trained
+            self.register_buffer("world_up", torch.tensor([0.0, 0.0, 1.0]))
             k = config.num_candidates
             self.direction_head = nn.Linear(feat, 3 * k)
             self.score_head = nn.Linear(feat, k)
@@ -138,7 +141,7 @@ class PoseEncoder(nn.Module):
             return c2w.unsqueeze(1), torch.zeros(feat.shape[0], 1, device=feat.device)
         raw = self.direction_head(feat).reshape(feat.shape[0], self.config.num_candidates, 3)
         positions = candidate_positions(raw, self.signs, self.config.radius)
-        return look_at_origin(positions), self.score_head(feat)
+        return look_at_origin(positions, up=self.world_up), self.score_head(feat)
 
     def get_param_groups(self, param_groups: Dict[str, List[nn.Parameter]]) -> None:
         """Adds this module's parameters to the ``pose_encoder`` group (like CameraOptimizer)."""

@@ -6,7 +6,8 @@ poses only from the training photos, and pulling it toward their refined poses l
 not on held-out ones (docs/lifting.md, "Teaching the encoder the refined poses"): it does not generalise from ~100
 views. Here the field renders a bank of views at cameras *between* the photos: directions of refined training cameras
 jittered on the sphere (by a fixed angle, or by a multiple of the photos' even spacing where that is wider:
-``jitter_for``), looking at the origin with zero roll like the encoder's candidates (gen_lifting/cameras.py).
+``jitter_for``), looking at the origin with zero roll about the candidates' world-up like the encoder's candidates
+(gen_lifting/cameras.py).
 Each render's camera is its label, known by construction; no dataset pose is read. The encoder then also learns, on
 noised copies of those renders, to put its nearest candidate on the render's direction and to score that candidate
 highest (``nearest_candidate_loss``). The bank is re-rendered every few hundred steps as the field sharpens; it is not
@@ -84,7 +85,7 @@ def render_synthetic_views(
     pick = torch.randint(0, refined_c2w.shape[0], (count,), generator=generator)
     directions = jitter_directions(refined_c2w[pick.to(refined_c2w.device), :3, 3].float().cpu(), max_angle_deg,
                                    generator, upper=encoder.layout == "upper")
-    c2w = look_at_origin(encoder.radius * directions).to(refined_c2w.device)
+    c2w = look_at_origin(encoder.radius * directions.to(refined_c2w.device), up=model.pose_encoder.world_up)
     cameras = model.cameras_from_c2w(c2w)
     was_training = model.training
     devices = [model.device] if torch.device(model.device).type == "cuda" else []

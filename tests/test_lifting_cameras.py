@@ -1,5 +1,7 @@
 """Camera parameterisation and pose encoder: shapes and geometric invariants."""
 
+import math
+
 import pytest
 import torch
 
@@ -110,3 +112,19 @@ def test_pose_encoder_pool_grid_keeps_where_features_are():
         assert c2w.shape == (2, 4, 3, 4) and scores.shape == (2, 4) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="pool_grid"):
         PoseEncoderConfig(trunk=_tiny_trunk(), pool_grid=0).setup()
+
+
+def test_fit_world_up_recovers_a_tilted_up_and_look_at_honours_it():
+    """Zero-roll look-at cameras about an up tilted 5 deg from z: ``fit_world_up`` returns that up (signed toward +z)
+    from the cameras alone, and their right axes are orthogonal to it (not to z)."""
+    from gen_lifting.cameras import fit_world_up
+
+    tilt = math.radians(5.0)
+    up = torch.tensor([math.sin(tilt), 0.0, math.cos(tilt)])
+    pos = candidate_positions(torch.randn(50, 12, 3), octant_signs("upper", 12), 4.0).reshape(-1, 3)
+    c2w = look_at_origin(pos, up=up)
+    assert torch.allclose(c2w[:, :, 0] @ up, torch.zeros(len(pos)), atol=1e-5)
+    assert (c2w[:, :, 0] @ torch.tensor([0.0, 0.0, 1.0])).abs().max() > 0.01
+    torch.testing.assert_close(fit_world_up(c2w), up, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fit_world_up(look_at_origin(pos)), torch.tensor([0.0, 0.0, 1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(look_at_origin(pos, up=torch.tensor([0.0, 0.0, 1.0])), look_at_origin(pos))

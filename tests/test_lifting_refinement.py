@@ -629,6 +629,39 @@ def test_synthetic_views_spread_wider_for_fewer_photos(tiny_lego):
             assert nearest.max() > 15.0 + 0.5  # views beyond the floor's reach
 
 
+def test_candidate_up_follows_the_refined_cameras_and_survives_save_and_load(tiny_lego):
+    """candidate_up_from_refined: once refinement runs, every refresh the candidates' look-at takes the refined
+    cameras' up (here refined cameras about an up tilted 6 deg), the synthetic views are rendered about it, and a
+    loaded run keeps it (its candidates equal the in-memory ones); off, the up stays z."""
+    from gen_lifting.cameras import look_at_origin
+
+    tilt = math.radians(6.0)
+    up = torch.tensor([0.0, math.sin(tilt), math.cos(tilt)])
+    z = torch.tensor([0.0, 0.0, 1.0])
+    for on in (False, True):
+        pipe = synthetic_pipeline(tiny_lego, 3)
+        pipe.model.config.candidate_up_from_refined = on
+        pipe.train()
+        assert not pipe.maybe_fit_candidate_up(0)  # refinement has not started
+        centres = pipe.show_predicted_poses()["train"][:, :3, 3]  # the encoder's, re-rolled about the tilted up
+        pipe.model.pose_refinement.start(look_at_origin(centres, up=up))
+        assert pipe.maybe_fit_candidate_up(1) == on and not pipe.maybe_fit_candidate_up(2)
+        assert pipe.maybe_fit_candidate_up(3) == on  # refresh every 2 steps
+        torch.testing.assert_close(pipe.model.pose_encoder.world_up, up if on else z, atol=1e-5, rtol=0)
+        assert pipe.maybe_render_synthetic_views(3)
+        pipe.eval()
+        candidates, _ = pipe.encode(pipe.datamanager.train_images[:2])
+        right = candidates[..., :3, 0]
+        assert (right @ (up if on else z)).abs().max() < 1e-5
+    state = {f"_model.{k}": v for k, v in pipe.model.state_dict().items()}
+    other = synthetic_pipeline(tiny_lego, 3)
+    other.model.config.candidate_up_from_refined = True
+    other.load_pipeline(state, step=4)
+    other.eval()
+    torch.testing.assert_close(other.model.pose_encoder.world_up, up, atol=1e-5, rtol=0)
+    torch.testing.assert_close(other.encode(other.datamanager.train_images[:2])[0], candidates)
+
+
 def test_synthetic_view_flags_are_checked():
     from gen_lifting.guards import FlagError
 
@@ -645,6 +678,12 @@ def test_synthetic_view_flags_are_checked():
     model.synthetic_pose_jitter_deg, model.synthetic_pose_jitter_spacing_mult = 15.0, -1.0
     with pytest.raises(FlagError, match="jitter-spacing-mult"):
         type(config.pipeline)(model=model)
+    model.synthetic_pose_jitter_spacing_mult, model.synthetic_pose_views = 0.0, 0
+    model.candidate_up_from_refined, model.pose_refinement_start_step = True, 0
+    with pytest.raises(FlagError, match="candidate-up-from-refined"):
+        type(config.pipeline)(model=model)
+    model.pose_refinement_start_step = 10
+    type(config.pipeline)(model=model)
 
 
 def test_checked_snapshot_starts_refinement_at_the_field_checked_candidates(tiny_lego):
