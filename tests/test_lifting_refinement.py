@@ -485,12 +485,15 @@ def test_refine_preset_is_the_gen_lifting_preset_plus_refinement():
     refine.pipeline.model.pose_refinement_reselect_ratio = base.pipeline.model.pose_refinement_reselect_ratio
     assert refine.pipeline.candidate_check_pixels == 512 and not refine.pipeline.refinement_snapshot_checked
     refine.pipeline.candidate_check_pixels = base.pipeline.candidate_check_pixels
+    decay = refine.optimizers["pose_encoder"]["scheduler"]
+    assert (decay.lr_final, decay.warmup_steps, decay.lr_pre_warmup) == (3e-4, 3000, 3e-3)  # held, then decayed
+    decay.lr_final, decay.warmup_steps = None, 0
     assert dataclasses.replace(refine, method_name=base.method_name) == base
 
 
 @pytest.mark.parametrize("group, rate", [("camera_opt", 3e-3), ("pose_encoder", 3e-3)])
 def test_rates_are_constant_by_default_can_decay_and_their_state_loads_weights_only(tmp_path, group, rate):
-    """The presets' camera_opt and pose_encoder groups carry nerfstudio's exponential decay with ``lr_final = None``:
+    """The preset's camera_opt and pose_encoder groups carry nerfstudio's exponential decay with ``lr_final = None``:
     exactly their rate (bit-identical to no scheduler; nerfstudio's own curve is 1 only up to rounding there);
     ``--optimizers.<group>.scheduler.lr-final`` / ``.warmup-steps`` make it decay after the warm-up, which holds the
     rate itself. The state must load with ``weights_only=True`` (nerfstudio's own class keeps numpy floats there)."""
@@ -498,7 +501,7 @@ def test_rates_are_constant_by_default_can_decay_and_their_state_loads_weights_o
 
     import method_configs.gen_lifting as specs
 
-    cfg = copy.deepcopy(specs.gen_lifting_refine.config.optimizers[group])
+    cfg = copy.deepcopy(specs.gen_lifting.config.optimizers[group])  # gen-lifting-refine decays pose_encoder's
     assert cfg["optimizer"].lr == rate
     param = torch.nn.Parameter(torch.zeros(1))
 
