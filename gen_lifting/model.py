@@ -123,9 +123,9 @@ class GenLiftingModelConfig(ModelConfig):
     candidate_up_from_refined: bool = False
     """Ours (off: the thesis' fixed world-up z): during pose refinement, every ``synthetic_pose_refresh_steps`` steps
     the candidates' (and synthetic views') zero-roll look-at takes the world-up of the refined cameras
-    (``cameras.fit_world_up``). The refined cameras of lego runs look at the origin but about an up tilted 4-5 deg from
-    z (the field sits tilted), so a look-at camera about z at a refined camera's exact direction is 3.3-3.9 deg from
-    it: a floor under the encoder's error (docs/lifting.md, R43)."""
+    (``cameras.fit_world_up``). The refined cameras of lego runs look at the origin but about an up tilted 2-5 deg from
+    z (the field sits tilted), so a look-at camera about z at a refined camera's exact direction is 2-4 deg from the
+    truth: a floor under the encoder's error (docs/lifting.md, R43)."""
     synthetic_pose_mult: float = 1.0
     """Weight of the synthetic views' pose loss (alpha_bar-weighted squared chord between the nearest candidate's
     direction and the label; their score loss is weighted by ``ce_loss_mult`` like the photos')."""
