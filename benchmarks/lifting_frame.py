@@ -28,10 +28,9 @@ sys.path.insert(0, str(REPO))
 
 def frame_statistics(pipe) -> Dict[str, float]:
     """The module docstring's numbers for one loaded run."""
-    import roma
-
-    from gen_lifting.alignment import apply_alignment, fit_camera_alignment, pose_errors
+    from gen_lifting.alignment import fit_camera_alignment, pose_errors
     from gen_lifting.cameras import fit_world_up, look_at_origin
+    from gen_lifting.diagnostics import candidate_rotation_errors, encode_all
     from gen_lifting.inference import render_c2w
 
     if pipe.model.pose_refinement is None or not pipe.model.pose_refinement.is_started:
@@ -67,19 +66,12 @@ def frame_statistics(pipe) -> Dict[str, float]:
                                (((gt["test"][:, :, 3] - translation) @ rotation) / scale)[:, :, None]], dim=2)
     renders = render_c2w(pipe, test_in_field.float()).clamp(0, 1)
 
-    def encode(images):
-        parts = [pipe.encode(chunk) for chunk in images.split(32)]
-        return torch.cat([c for c, _ in parts]).double().cpu(), torch.cat([s for _, s in parts]).cpu()
-
-    train_c, train_s = encode(dm.train_images)
+    train_c, train_s = (x.cpu() for x in encode_all(pipe, dm.train_images))
     top_train = train_c[torch.arange(len(train_c)), train_s.argmax(1)]
     alignment = fit_camera_alignment(top_train, gt["train"], mode)
     for name, images in (("photo", dm.eval_images), ("render", renders)):
-        cands, scores = encode(images)
-        n, k = cands.shape[:2]
-        aligned = apply_alignment(cands.reshape(n * k, 3, 4), alignment).reshape(n, k, 3, 4)
-        truth = gt["test"][:, None, :, :3].expand(n, k, 3, 3)
-        errors = torch.rad2deg(roma.rotmat_geodesic_distance(aligned[..., :3], truth))
+        cands, scores = (x.cpu() for x in encode_all(pipe, images))
+        errors = candidate_rotation_errors(cands, gt["test"], alignment)
         # medians as alignment.pose_errors takes them (torch.quantile 0.5: the mean of the middle two of an even count)
         top = errors.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
         out[f"test_{name}_top_rot_err_median_deg"] = top.quantile(0.5).item()

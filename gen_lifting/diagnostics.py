@@ -15,7 +15,7 @@ Ground truth is read only to score; nothing here trains or changes the model (``
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import roma
 import torch
@@ -25,12 +25,15 @@ from torch import Tensor
 from gen_lifting.alignment import apply_alignment, direction_angle_deg, fit_camera_alignment
 
 
-def _encode_all(pipeline, images: Float[Tensor, "num height width 3"]):
+def encode_all(
+    pipeline, images: Float[Tensor, "num height width 3"]
+) -> Tuple[Float[Tensor, "num cand 3 4"], Float[Tensor, "num cand"]]:
+    """Every candidate camera (float64) and score of the images at the evaluation noise, in chunks of 32."""
     out = [pipeline.encode(chunk) for chunk in images.split(32)]
     return torch.cat([c for c, _ in out]).double(), torch.cat([s for _, s in out])
 
 
-def _candidate_errors(
+def candidate_rotation_errors(
     candidates: Float[Tensor, "num cand 3 4"], gt: Float[Tensor, "num 3 4"], alignment
 ) -> Float[Tensor, "num cand"]:
     """Rotation error (deg) of every candidate after ``alignment``."""
@@ -63,12 +66,12 @@ def pose_errors_by_noise(pipeline, timesteps: Sequence[int], threshold_deg: floa
     try:
         for t in timesteps:
             dm.config.eval_timestep = int(t)
-            encoded = {split: _encode_all(pipeline, images[split]) for split in images}
+            encoded = {split: encode_all(pipeline, images[split]) for split in images}
             top = {split: c[torch.arange(len(c)), s.argmax(dim=1)] for split, (c, s) in encoded.items()}
             alignment = fit_camera_alignment(top["train"], gt["train"], mode)
             row: Dict[str, float] = {"t": int(t), "alpha_bar": float(dm.schedule.alphas_cumprod[int(t)])}
             for split, (candidates, scores) in encoded.items():
-                errors = _candidate_errors(candidates, gt[split], alignment)
+                errors = candidate_rotation_errors(candidates, gt[split], alignment)
                 top_err = errors.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
                 best_err = errors.min(dim=1).values
                 row.update({
@@ -135,7 +138,7 @@ def camera_spread(pipeline) -> Dict[str, float]:
     was_training = pipeline.training
     pipeline.eval()
     try:
-        candidates, scores = _encode_all(pipeline, pipeline.datamanager.train_images)
+        candidates, scores = encode_all(pipeline, pipeline.datamanager.train_images)
     finally:
         if was_training:
             pipeline.train()

@@ -147,7 +147,7 @@ class GenLiftingPipeline(VanillaPipeline):
         self.synthetic_views: Optional[SyntheticViews] = None
         """Self-labelled renders for the encoder (``synthetic_pose_views``), re-rendered every
         ``synthetic_pose_refresh_steps`` during refinement; not saved (a resumed run renders them again)."""
-        self.synthetic_rendered_at = -1
+        self.synthetic_rendered_at: Optional[int] = None
         self.candidate_up_fitted_at: Optional[int] = None
         self.train_candidates: Optional[Tensor] = None
         """Winning candidate of each training photo at the last ``show_predicted_poses`` (None for the oracle)."""
@@ -209,13 +209,16 @@ class GenLiftingPipeline(VanillaPipeline):
             refinement.start(self.show_predicted_poses()["train"])
         return True
 
+    def refresh_due(self, last_step: Optional[int], step: int) -> bool:
+        """Whether a refinement-time refresh last done at ``last_step`` (None: never, e.g. a resumed run) is due:
+        every ``synthetic_pose_refresh_steps`` steps."""
+        return last_step is None or step - last_step >= self.model.config.synthetic_pose_refresh_steps
+
     def maybe_fit_candidate_up(self, step: int) -> bool:
         """During refinement, every ``synthetic_pose_refresh_steps`` steps (and at a resumed run's first step), set
         the candidates' world-up to the refined cameras' (``candidate_up_from_refined``). Returns whether it did."""
-        cfg = self.model.config
-        if not cfg.candidate_up_from_refined or not self.model.refining or (
-                self.candidate_up_fitted_at is not None
-                and step - self.candidate_up_fitted_at < cfg.synthetic_pose_refresh_steps):
+        if not self.model.config.candidate_up_from_refined or not self.model.refining or not self.refresh_due(
+                self.candidate_up_fitted_at, step):
             return False
         assert self.model.pose_refinement is not None
         with torch.no_grad():
@@ -227,8 +230,8 @@ class GenLiftingPipeline(VanillaPipeline):
         """During refinement, (re-)render the encoder's self-labelled views when they are missing or
         ``synthetic_pose_refresh_steps`` old (gen_lifting/synthetic_views.py). Returns whether it rendered now."""
         cfg = self.model.config
-        if cfg.synthetic_pose_views <= 0 or not self.model.refining or (self.synthetic_views is not None
-                                       and step - self.synthetic_rendered_at < cfg.synthetic_pose_refresh_steps):
+        if cfg.synthetic_pose_views <= 0 or not self.model.refining or not self.refresh_due(
+                self.synthetic_rendered_at, step):
             return False
         assert self.model.pose_refinement is not None
         generator = self.datamanager._generator(stream=3, index=step)
